@@ -1,0 +1,471 @@
+"""A task's adapter as a small safetensors file: extract, save atomically, validate, load.
+
+The file holds only the task's delta (CLR kernels, per-task norm tensors, head) under the model's own state_dict
+keys, and string metadata that says what it is and which base model it belongs to. Nothing is ever unpickled.
+Loading validates everything against the model before touching a tensor, so a bad file leaves the model as it was.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from .attach import (
+    CLR_ATTR,
+    _adapter_tensors,
+    _key,
+    _named_tensors,
+    _state,
+    attach,
+    current_plan,
+    detach,
+    get_config,
+    is_attached,
+    plan_targets,
+    resize_head,
+)
+from .config import CLRConfig
+from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError
+from .version import __version__
+
+__all__ = [
+    "ADAPTER_FILE",
+    "FORMAT_NAME",
+    "FORMAT_VERSION",
+    "AdapterFile",
+    "save_adapter",
+    "load_adapter",
+    "read_adapter",
+    "backbone_fingerprint",
+    "base_model_info",
+]
+
+ADAPTER_FILE = "clr_adapter.safetensors"
+FORMAT_NAME = "clr_timm.adapter"
+FORMAT_VERSION = 1
+_FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+_STORAGE_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+_FINGERPRINT_SAMPLES = 64
+
+
+@dataclass
+class AdapterFile:
+    """An adapter read from disk: its tensors and what its metadata says."""
+
+    path: str
+    tensors: dict[str, torch.Tensor]
+    config: CLRConfig
+    num_classes: int | None
+    architecture: str | None = None
+    pretrained_tag: str | None = None
+    hf_hub_id: str | None = None
+    backbone_fingerprint: str | None = None
+    task: str | None = None
+    label_names: list[str] | None = None
+    versions: dict[str, str] = field(default_factory=dict)
+    metadata: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def base_model(self) -> str | None:
+        """``architecture.tag`` (the timm model name) when known."""
+        if self.architecture and self.pretrained_tag:
+            return f"{self.architecture}.{self.pretrained_tag}"
+        return self.architecture
+
+    def num_values(self) -> int:
+        return sum(t.numel() for t in self.tensors.values())
+
+
+def base_model_info(model: nn.Module) -> dict[str, str | None]:
+    """timm architecture, pretrained tag and hub id of a model, where timm recorded them."""
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    if not isinstance(cfg, dict):
+        cfg = dict(cfg)
+    return {
+        "architecture": cfg.get("architecture"),
+        "pretrained_tag": cfg.get("tag"),
+        "hf_hub_id": cfg.get("hf_hub_id"),
+    }
+
+
+def _frozen_keys(model: nn.Module) -> list[str]:
+    plan = current_plan(model) if is_attached(model) else plan_targets(model)
+    owned = {k for k, _, _ in _adapter_tensors(model, plan)}
+    head = tuple(h + "." for h in plan.head)
+    return sorted(
+        k for k in model.state_dict() if k not in owned and not k.startswith(head) and f".{CLR_ATTR}." not in f".{k}"
+    )
+
+
+def backbone_fingerprint(model: nn.Module) -> str | None:
+    """A short hash of the frozen backbone weights, recorded in each adapter to catch a wrong base model.
+
+    It hashes every frozen tensor's name and shape and 64 evenly spaced values of it (as float32), so it takes
+    milliseconds on any model, and it tells apart any two different sets of weights in practice (two trainings
+    differ in every value); it is a check against mistakes, not a cryptographic seal. Returns None on a model
+    with no data (the ``meta`` device).
+    """
+    tensors = _named_tensors(model)
+    h = hashlib.sha256()
+    for k in _frozen_keys(model):
+        t = tensors[k].detach()
+        if t.is_meta:
+            return None
+        h.update(f"{k}:{tuple(t.shape)};".encode())
+        flat = t.reshape(-1)
+        n = flat.numel()
+        if n:
+            steps = min(n, _FINGERPRINT_SAMPLES)
+            idx = torch.arange(steps, device=t.device) * (n - 1) // max(steps - 1, 1)
+            h.update(flat[idx].to(device="cpu", dtype=torch.float32).numpy().tobytes())
+    return h.hexdigest()[:32]
+
+
+def _versions() -> dict[str, str]:
+    import safetensors
+    import timm
+
+    return {
+        "clr_timm": __version__,
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "safetensors": safetensors.__version__,
+    }
+
+
+def _check_task_name(task: str | None) -> None:
+    if task is not None and (
+        not isinstance(task, str) or not task or "/" in task or "\\" in task or task in (".", "..")
+    ):
+        raise CLRError(f"task name must be a non-empty string without slashes, got {task!r}")
+
+
+def save_adapter(
+    model: nn.Module,
+    path: str | os.PathLike,
+    dtype: str | torch.dtype | None = None,
+    *,
+    task: str | None = None,
+    label_names: list[str] | None = None,
+    overwrite: bool = False,
+) -> Path:
+    """Write the task's adapter of an attached model to a safetensors file, atomically.
+
+    Args:
+        model: An attached model.
+        path: Destination file (conventionally ``*.safetensors``).
+        dtype: Storage dtype of the floating tensors: None keeps the model's, ``"fp16"`` / ``"bf16"`` halve the file.
+        task: Task name recorded in the metadata (defaults to the one the adapter was loaded with, if any).
+        label_names: Class names recorded in the metadata (defaults to the loaded ones, if any).
+        overwrite: Replace an existing file that holds another task's adapter, or that is not an adapter at all.
+            An existing adapter of the same task is always replaced (saving checkpoints during training).
+
+    Returns:
+        The path written. A crash mid-write leaves any previous file intact.
+    """
+    state = _state(model)
+    _check_task_name(task)
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterError(f"{path} is a directory; give a file path, or use clr_timm.save_pretrained for folders")
+    storage = _STORAGE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) or dtype is None else dtype
+    if isinstance(dtype, str) and dtype not in _STORAGE_DTYPES:
+        raise AdapterError(f"dtype must be one of {list(_STORAGE_DTYPES)} or a torch float dtype, got {dtype!r}")
+    if storage is not None and storage not in _FLOAT_DTYPES:
+        raise AdapterError(f"dtype must be a floating dtype, got {storage}")
+    task = task if task is not None else state.task
+    label_names = list(label_names) if label_names is not None else state.label_names
+    num_classes = getattr(model, "num_classes", None)
+    if label_names is not None and num_classes is not None and len(label_names) != num_classes:
+        raise AdapterError(f"{len(label_names)} label names given for a head of {num_classes} classes")
+    if path.exists() and not overwrite:
+        try:
+            existing = read_adapter(path)
+        except AdapterError as e:
+            raise AdapterError(f"{path} exists and is not a clr_timm adapter; pass overwrite=True to replace it") from e
+        if existing.task != task:
+            raise AdapterError(
+                f"{path} holds the adapter of task {existing.task!r}, not {task!r}; pass overwrite=True to replace it"
+            )
+    tensors = {}
+    for k, t in adapter_tensors_for_saving(model).items():
+        t = t.detach().to("cpu")
+        if storage is not None and t.is_floating_point():
+            t = t.to(storage)
+        tensors[k] = t.contiguous().clone()
+    info = base_model_info(model)
+    metadata = {
+        "format": "pt",
+        "clr_format": FORMAT_NAME,
+        "clr_format_version": str(FORMAT_VERSION),
+        "config": state.config.to_json(),
+        "num_classes": json.dumps(num_classes),
+        "label_names": json.dumps(label_names),
+        "task": json.dumps(task),
+        "backbone_fingerprint": backbone_fingerprint(model) or "",
+        "versions": json.dumps(_versions(), sort_keys=True),
+        **{k: v or "" for k, v in info.items()},
+    }
+    _atomic_save(tensors, metadata, path)
+    state.task, state.label_names = task, label_names
+    return path
+
+
+def adapter_tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
+    return {k: t for k, t, _ in _adapter_tensors(model, current_plan(model))}
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        save_file(tensors, tmp, metadata=metadata)
+        with open(tmp, "rb") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def _sniff(path: Path) -> None:
+    """Refuse files that are plainly not safetensors, with a message that says what they are."""
+    with open(path, "rb") as f:
+        head = f.read(8)
+    if not head:
+        raise AdapterError(f"{path} is empty; it is not an adapter file")
+    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+        raise AdapterError(
+            f"{path} is a PyTorch pickle checkpoint (torch.save), not a safetensors adapter; clr_timm never unpickles "
+            "files. Save adapters with clr_timm.save_adapter"
+        )
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any = None) -> Any:
+    if key not in meta:
+        return default
+    try:
+        return json.loads(meta[key])
+    except ValueError as e:
+        raise AdapterError(f"{path}: metadata field {key!r} is not valid JSON ({e})") from e
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter file on its own (no model needed). Raises :class:`AdapterError` on any problem."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise AdapterError(f"no adapter file at {path}")
+    _sniff(path)
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+    except Exception as e:  # safetensors raises its own error types for every kind of damaged file
+        raise AdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if meta.get("clr_format") != FORMAT_NAME:
+        raise AdapterError(
+            f"{path} is a safetensors file but not a clr_timm adapter (metadata 'clr_format' is "
+            f"{meta.get('clr_format')!r}, expected {FORMAT_NAME!r})"
+        )
+    try:
+        version = int(meta.get("clr_format_version", ""))
+    except ValueError as e:
+        raise AdapterError(f"{path}: metadata 'clr_format_version' is missing or not an integer") from e
+    if version > FORMAT_VERSION:
+        raise AdapterError(
+            f"{path} was written in adapter format version {version} by a newer clr_timm; this clr_timm "
+            f"({__version__}) reads up to version {FORMAT_VERSION}: upgrade clr_timm"
+        )
+    if "config" not in meta:
+        raise AdapterError(f"{path}: metadata has no 'config'")
+    try:
+        config = CLRConfig.from_json(meta["config"])
+    except ConfigError as e:
+        raise AdapterError(f"{path}: invalid CLRConfig in metadata: {e}") from e
+    num_classes = _json_meta(meta, "num_classes", path)
+    if num_classes is not None and (
+        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0
+    ):
+        raise AdapterError(f"{path}: metadata 'num_classes' must be a non-negative integer, got {num_classes!r}")
+    label_names = _json_meta(meta, "label_names", path)
+    if label_names is not None and not (isinstance(label_names, list) and all(isinstance(n, str) for n in label_names)):
+        raise AdapterError(f"{path}: metadata 'label_names' must be a list of strings")
+    task = _json_meta(meta, "task", path)
+    if task is not None and not isinstance(task, str):
+        raise AdapterError(f"{path}: metadata 'task' must be a string")
+    for k, t in tensors.items():
+        if t.is_floating_point():
+            if t.dtype not in _FLOAT_DTYPES:
+                raise AdapterError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
+            if not torch.isfinite(t).all():
+                raise AdapterError(f"{path}: tensor {k!r} contains NaN or Inf values; the adapter is corrupt")
+    versions = _json_meta(meta, "versions", path, {}) or {}
+    return AdapterFile(
+        path=str(path),
+        tensors=tensors,
+        config=config,
+        num_classes=num_classes,
+        architecture=meta.get("architecture") or None,
+        pretrained_tag=meta.get("pretrained_tag") or None,
+        hf_hub_id=meta.get("hf_hub_id") or None,
+        backbone_fingerprint=meta.get("backbone_fingerprint") or None,
+        task=task,
+        label_names=label_names,
+        versions=versions if isinstance(versions, dict) else {},
+        metadata=dict(meta),
+    )
+
+
+def _expected_shapes(model: nn.Module, adapter: AdapterFile) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+    """key -> (shape, kind, is_float) the adapter must have to fit ``model`` (head resized to the adapter's classes)."""
+    config = adapter.config
+    plan = plan_targets(model, config)
+    k = config.kernel_size
+    expected = {}
+    for t in plan.targets:
+        shape = (t.channels,) if t.layer == "scale" else (t.channels, 1, k, k)
+        expected[_key(t.name, f"{CLR_ATTR}.weight")] = (shape, "clr", True)
+    current = getattr(model, "num_classes", None)
+    for key, t, kind in _adapter_tensors(model, plan):
+        if kind == "clr":
+            continue
+        shape = tuple(t.shape)
+        if kind == "head" and adapter.num_classes is not None and current != adapter.num_classes and shape:
+            shape = (adapter.num_classes, *shape[1:]) if shape[0] == current else shape
+        expected[key] = (shape, kind, t.is_floating_point())
+    return expected
+
+
+def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> None:
+    path = adapter.path
+    if is_attached(model) and get_config(model) != adapter.config:
+        raise AdapterMismatchError(
+            f"{path} was made with {adapter.config}, but the model is attached with {get_config(model)}; "
+            "call clr_timm.detach(model) first, or load it into a fresh model"
+        )
+    arch = base_model_info(model)["architecture"]
+    if adapter.architecture and arch and adapter.architecture != arch:
+        raise AdapterMismatchError(f"{path} is an adapter for {adapter.architecture!r}, not for {arch!r}")
+    if adapter.config.train_head and adapter.num_classes != getattr(model, "num_classes", None):
+        if not hasattr(model, "reset_classifier"):
+            raise AdapterMismatchError(
+                f"{path} has a head for {adapter.num_classes} classes and {type(model).__name__} cannot be resized"
+            )
+        if adapter.num_classes is None:
+            raise AdapterError(f"{path}: metadata has no 'num_classes' to size the head with")
+    expected = _expected_shapes(model, adapter)
+    for key, (shape, kind, is_float) in expected.items():
+        if key not in adapter.tensors:
+            raise AdapterMismatchError(f"{path} has no tensor {key!r} ({kind}) that the model needs: wrong base model?")
+        got = adapter.tensors[key]
+        if tuple(got.shape) != shape:
+            raise AdapterMismatchError(f"{path}: tensor {key!r} has shape {tuple(got.shape)}, the model needs {shape}")
+        if got.is_floating_point() != is_float:
+            raise AdapterMismatchError(
+                f"{path}: tensor {key!r} has dtype {got.dtype}, the model needs a "
+                f"{'floating' if is_float else 'integer'} tensor"
+            )
+    extra = sorted(set(adapter.tensors) - set(expected))
+    if extra:
+        raise AdapterMismatchError(f"{path} has tensor {extra[0]!r} that the model has no place for: wrong base model?")
+    if check_backbone and adapter.backbone_fingerprint:
+        mine = backbone_fingerprint(model)
+        if mine is not None and mine != adapter.backbone_fingerprint:
+            raise BackboneMismatchError(
+                f"{path} was trained on other backbone weights than this model's (fingerprint "
+                f"{adapter.backbone_fingerprint} != {mine}; made for {adapter.base_model or 'an unknown base model'}). "
+                "Load the right pretrained weights, or pass check_backbone=False to load it anyway"
+            )
+
+
+def _apply(model: nn.Module, adapter: AdapterFile) -> None:
+    if adapter.config.train_head and adapter.num_classes != getattr(model, "num_classes", None):
+        resize_head(model, adapter.num_classes)
+    tensors = _named_tensors(model)
+    with torch.no_grad():
+        for k, v in adapter.tensors.items():
+            tensors[k].copy_(v)
+    state = _state(model)
+    state.task, state.label_names = adapter.task, adapter.label_names
+
+
+def load_adapter(
+    model: nn.Module,
+    source: str | os.PathLike,
+    *,
+    task: str | None = None,
+    check_backbone: bool = True,
+    **hub_kwargs: Any,
+) -> nn.Module:
+    """Load a task's adapter into ``model``: attach CLR if needed, resize the head, copy the tensors.
+
+    Args:
+        model: A timm model, attached or not, built with the same architecture and backbone weights.
+        source: An adapter file, a folder saved by ``save_pretrained``, or ``"hf-hub:org/name"``.
+        task: The task's subfolder in a folder or Hub repo (None: the root).
+        check_backbone: Refuse an adapter recorded for other backbone weights (fingerprint mismatch).
+        **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` for Hub sources.
+
+    Returns:
+        The model. On any error the model is left exactly as it was.
+    """
+    _check_task_name(task)
+    adapter = read_adapter(_resolve(source, task, hub_kwargs))
+    _validate(model, adapter, check_backbone)
+    was_attached = is_attached(model)
+    backup = None
+    if was_attached:
+        backup = {k: t.detach().clone() for k, t in adapter_tensors_for_saving(model).items()}
+        old = (_state(model).task, _state(model).label_names, getattr(model, "num_classes", None))
+    try:
+        if not was_attached:
+            attach(model, adapter.config)
+        _apply(model, adapter)
+    except BaseException:
+        if not was_attached and is_attached(model):
+            detach(model)
+        elif was_attached:
+            if getattr(model, "num_classes", None) != old[2]:
+                resize_head(model, old[2])
+            tensors = _named_tensors(model)
+            with torch.no_grad():
+                for k, v in backup.items():
+                    tensors[k].copy_(v)
+            _state(model).task, _state(model).label_names = old[0], old[1]
+        raise
+    return model
+
+
+def _resolve(source: str | os.PathLike, task: str | None, hub_kwargs: dict[str, Any]) -> Path:
+    if isinstance(source, str) and source.startswith("hf-hub:"):
+        from .hub import download_adapter  # the Hub layer sits above this one; imported only when asked for
+
+        return download_adapter(source[len("hf-hub:") :], task=task, **hub_kwargs)
+    if hub_kwargs:
+        raise CLRError(f"{sorted(hub_kwargs)} only apply to 'hf-hub:' sources, not to {source}")
+    path = Path(source)
+    if path.is_dir():
+        folder = path / task if task else path
+        if not folder.is_dir():
+            tasks = sorted(p.parent.name for p in path.glob(f"*/{ADAPTER_FILE}"))
+            raise AdapterError(f"no task {task!r} in {path}; tasks there: {tasks}")
+        path = folder / ADAPTER_FILE
+    elif task is not None:
+        raise CLRError(f"task={task!r} applies to folders and Hub repos, not to the file {path}")
+    return path

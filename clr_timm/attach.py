@@ -1,0 +1,392 @@
+"""Walking a timm model: find what CLR reprograms, inject the layers, freeze the rest, and take it all back.
+
+A reprogramming layer lives as a child named ``clr`` of the conv it follows and is applied by a forward hook on that
+conv, so the model's own modules, forward code and state_dict keys stay exactly as timm made them: the only new keys
+are ``<conv>.clr.weight``. Everything the attach changes is recorded on the model (``model._clr_state``) so that
+:func:`detach` restores the original model bit for bit.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from .config import CLRConfig
+from .errors import CLRError, ConfigError
+from .layers import CLR_LAYERS, CLRConv2d, CLRScale
+
+__all__ = [
+    "attach",
+    "detach",
+    "is_attached",
+    "get_config",
+    "reset_adapter",
+    "resize_head",
+    "current_plan",
+    "mark_only_adapter_as_trainable",
+    "adapter_state_dict",
+    "plan_targets",
+    "CLRPlan",
+    "Target",
+]
+
+CLR_ATTR = "clr"
+_STATE_ATTR = "_clr_state"
+_TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
+_NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+
+
+@dataclass(frozen=True)
+class Target:
+    """A conv that gets a reprogramming layer."""
+
+    name: str
+    channels: int
+    depthwise: bool
+    layer: str  # "clr" (CLRConv2d) or "scale" (CLRScale)
+
+
+@dataclass
+class CLRPlan:
+    """What :func:`attach` would do to a model under a config, computed without changing the model."""
+
+    config: CLRConfig
+    targets: list[Target]
+    norms: list[str]
+    head: list[str]
+    skipped: list[str] = field(default_factory=list)  # depthwise convs left alone by the "skip" policy
+
+
+@dataclass
+class _CLRState:
+    """Everything attach changed, so that detach and reset can undo it."""
+
+    config: CLRConfig
+    targets: list[str]
+    requires_grad: dict[str, bool]
+    base: dict[str, torch.Tensor]  # original values of the norm and head tensors the adapter owns
+    num_classes: int | None
+    frozen_norms: list[str]
+    task: str | None = None
+    label_names: list[str] | None = None
+
+
+def _clr_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
+    return getattr(module, CLR_ATTR)(output)
+
+
+def _load_state_dict_post_hook(module: nn.Module, incompatible_keys) -> None:
+    # A plain timm checkpoint has no CLR kernels: loading one strictly into an attached model is fine, and keeps
+    # the adapter's kernels as they are.
+    state = getattr(module, _STATE_ATTR, None)
+    if state is None:
+        return
+    clr_keys = {_key(t, f"{CLR_ATTR}.weight") for t in state.targets}
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in clr_keys]
+
+
+def _frozen_norm_pre_hook(module: nn.Module, args: tuple) -> None:
+    # A norm that is not part of the adapter must not update its running statistics when the model trains.
+    module.training = False
+
+
+def _is_conv(m: nn.Module) -> bool:
+    if isinstance(m, nn.Conv2d):
+        return True
+    # timm's CondConv2d is a plain Module whose forward takes routing weights; duck-type it so that neither its
+    # import path nor timm's version matters.
+    return type(m).__name__ == "CondConv2d" and hasattr(m, "out_channels") and hasattr(m, "kernel_size")
+
+
+def _kernel_area(m: nn.Module) -> int:
+    k = m.kernel_size
+    return math.prod(k) if isinstance(k, (tuple, list)) else int(k) ** 2
+
+
+def _is_depthwise(m: nn.Module) -> bool:
+    return m.groups > 1 and m.groups == m.in_channels
+
+
+def _is_norm(m: nn.Module) -> bool:
+    """Normalisation layers of torch and timm (BatchNorm, BatchNormAct2d, GroupNorm(Act), LayerNorm(2d), ...)."""
+    if isinstance(m, _TORCH_NORMS):
+        return True
+    # timm's own norms (RmsNorm, EvoNorm, FilterResponseNorm, ...): a "Norm" class whose own parameters are all
+    # per-channel vectors. Containers such as ConvNormAct own no parameters directly and are not matched.
+    if "Norm" not in type(m).__name__ or isinstance(m, CLR_LAYERS):
+        return False
+    params = list(m.parameters(recurse=False))
+    return bool(params) and all(p.dim() <= 1 for p in params)
+
+
+def _has_running_stats(m: nn.Module) -> bool:
+    return any(n in _NORM_STAT_BUFFERS for n, _ in m.named_buffers(recurse=False))
+
+
+def _head_modules(model: nn.Module) -> list[str]:
+    """Names of the classifier modules, found through timm's own API."""
+    heads: list[nn.Module] = []
+    if hasattr(model, "get_classifier"):
+        try:
+            got = model.get_classifier()
+        except Exception:  # a model whose get_classifier is not implemented for its current state
+            got = None
+        if isinstance(got, nn.Module):
+            heads = [got]
+        elif isinstance(got, (tuple, list)):
+            heads = [h for h in got if isinstance(h, nn.Module)]
+    if heads:
+        ids = {id(h) for h in heads}
+        return [n for n, m in model.named_modules() if id(m) in ids and n]
+    cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
+    names = cfg.get("classifier") if isinstance(cfg, dict) else None
+    if isinstance(names, str):
+        names = [names]
+    modules = dict(model.named_modules())
+    return [n for n in (names or []) if n in modules]
+
+
+def _matches(name: str, patterns: list[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def _under(name: str, prefixes: list[str]) -> bool:
+    return any(name == p or name.startswith(p + ".") for p in prefixes)
+
+
+def plan_targets(model: nn.Module, config: CLRConfig | None = None) -> CLRPlan:
+    """Compute which convs, norms and head modules the adapter covers, without changing the model.
+
+    Works on models built on the ``meta`` device, which is how the parameter-count benchmark walks the registry.
+    """
+    config = config or CLRConfig()
+    head = _head_modules(model)
+    targets, norms, skipped = [], [], []
+    for name, m in model.named_modules():
+        if isinstance(m, CLR_LAYERS) or _under(name, head):
+            continue
+        if _is_conv(m) and _kernel_area(m) > 1:
+            if config.include is not None and not _matches(name, config.include):
+                continue
+            if _matches(name, config.exclude):
+                continue
+            depthwise = _is_depthwise(m)
+            if depthwise and config.depthwise == "skip":
+                skipped.append(name)
+                continue
+            layer = "scale" if depthwise and config.depthwise == "scale" else "clr"
+            targets.append(Target(name, int(m.out_channels), depthwise, layer))
+        elif _is_norm(m):
+            norms.append(name)
+    return CLRPlan(config, targets, norms, head, skipped)
+
+
+def _key(module_name: str, tensor_name: str) -> str:
+    return f"{module_name}.{tensor_name}" if module_name else tensor_name
+
+
+def _norm_tensors(name: str, m: nn.Module) -> Iterator[tuple[str, torch.Tensor, str]]:
+    for pn, p in m.named_parameters(recurse=False):
+        yield _key(name, pn), p, "norm_affine"
+    for bn, b in m.named_buffers(recurse=False):
+        if b is not None and bn not in m._non_persistent_buffers_set:
+            yield _key(name, bn), b, "norm_stats"
+
+
+def _adapter_tensors(model: nn.Module, plan: CLRPlan) -> Iterator[tuple[str, torch.Tensor, str]]:
+    """(state_dict key, tensor, kind) of everything a task's adapter owns, in a stable order.
+
+    kind is one of "clr", "norm_affine", "norm_stats", "head". The CLR kernels only exist once attached.
+    """
+    modules = dict(model.named_modules())
+    for t in plan.targets:
+        layer = getattr(modules[t.name], CLR_ATTR, None)
+        if layer is not None:
+            yield _key(t.name, f"{CLR_ATTR}.weight"), layer.weight, "clr"
+    if plan.config.train_norms:
+        for name in plan.norms:
+            yield from _norm_tensors(name, modules[name])
+    if plan.config.train_head:
+        for name in plan.head:
+            m = modules[name]
+            for pn, p in m.named_parameters():
+                yield _key(name, pn), p, "head"
+            for bn, b in m.named_buffers():
+                yield _key(name, bn), b, "head"
+
+
+def _state(model: nn.Module) -> _CLRState:
+    state = getattr(model, _STATE_ATTR, None)
+    if state is None:
+        raise CLRError(f"{type(model).__name__} has no CLR adapter attached; call clr_timm.attach(model) first")
+    return state
+
+
+def is_attached(model: nn.Module) -> bool:
+    """Whether :func:`attach` has been applied to ``model`` (and not undone by :func:`detach`)."""
+    return getattr(model, _STATE_ATTR, None) is not None
+
+
+def get_config(model: nn.Module) -> CLRConfig:
+    """The :class:`CLRConfig` a model was attached with."""
+    return _state(model).config
+
+
+def current_plan(model: nn.Module) -> CLRPlan:
+    """The plan of an attached model (its head may have been resized since attach)."""
+    return plan_targets(model, _state(model).config)
+
+
+def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The task's adapter: CLR kernels, per-task norm tensors and head, keyed as in ``model.state_dict()``."""
+    return {k: t.detach() for k, t, _ in _adapter_tensors(model, current_plan(model))}
+
+
+def mark_only_adapter_as_trainable(model: nn.Module) -> None:
+    """Freeze every parameter of ``model`` except the adapter's (CLR kernels, per-task norms, head)."""
+    plan = current_plan(model)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for _, t, _ in _adapter_tensors(model, plan):
+        if isinstance(t, nn.Parameter):
+            t.requires_grad_(True)
+
+
+def _make_layer(target: Target, conv: nn.Module, config: CLRConfig) -> nn.Module:
+    w = conv.weight
+    if target.layer == "scale":
+        return CLRScale(target.channels, device=w.device, dtype=w.dtype)
+    return CLRConv2d(target.channels, config.kernel_size, device=w.device, dtype=w.dtype)
+
+
+def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn.Module:
+    """Attach CLR to a model in place: insert identity reprogramming layers and freeze all but the adapter.
+
+    Args:
+        model: Any timm CNN (or torch module with ``nn.Conv2d`` layers).
+        config: What to reprogram; defaults to the paper's setting.
+        **overrides: Fields of :class:`CLRConfig` to override, e.g. ``depthwise="scale"``.
+
+    Returns:
+        The same model, which in eval mode computes exactly what it computed before.
+    """
+    if config is None:
+        config = CLRConfig(**overrides) if overrides else CLRConfig()
+    elif overrides:
+        config = CLRConfig.from_dict({**config.to_dict(), **overrides})
+    if not isinstance(config, CLRConfig):
+        raise ConfigError(f"config must be a CLRConfig, got {type(config).__name__}")
+    if is_attached(model):
+        if get_config(model) == config:
+            return model
+        raise CLRError(
+            f"model is already attached with {get_config(model)}; call clr_timm.detach(model) before attaching "
+            f"with {config}"
+        )
+    plan = plan_targets(model, config)
+    modules = dict(model.named_modules())
+    for t in plan.targets:
+        if hasattr(modules[t.name], CLR_ATTR):
+            raise CLRError(f"module {t.name!r} already has an attribute {CLR_ATTR!r}; cannot attach CLR to it")
+    frozen_norms = [] if config.train_norms else [n for n in plan.norms if _has_running_stats(modules[n])]
+    state = _CLRState(
+        config=config,
+        targets=[t.name for t in plan.targets],
+        requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
+        base={k: t.detach().clone() for k, t, _ in _adapter_tensors(model, plan)},
+        num_classes=getattr(model, "num_classes", None),
+        frozen_norms=frozen_norms,
+    )
+    for t in plan.targets:
+        conv = modules[t.name]
+        conv.add_module(CLR_ATTR, _make_layer(t, conv, config))
+        conv.register_forward_hook(_clr_forward_hook)
+    for n in frozen_norms:
+        modules[n].register_forward_pre_hook(_frozen_norm_pre_hook)
+    model.register_load_state_dict_post_hook(_load_state_dict_post_hook)
+    setattr(model, _STATE_ATTR, state)
+    mark_only_adapter_as_trainable(model)
+    return model
+
+
+def _remove_hooks(module: nn.Module, hooks: dict, fn) -> None:
+    for handle_id in [i for i, h in hooks.items() if h is fn]:
+        del hooks[handle_id]
+        for extra in ("_forward_hooks_with_kwargs", "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs"):
+            getattr(module, extra, {}).pop(handle_id, None)
+
+
+def _named_tensors(model: nn.Module) -> dict[str, torch.Tensor]:
+    return dict(model.state_dict(keep_vars=True))
+
+
+def resize_head(model: nn.Module, num_classes: int) -> None:
+    """Give the model a new classifier for ``num_classes`` through timm's ``reset_classifier``.
+
+    The new head lives on the device and dtype of the old one, and is trainable when the model is attached with a
+    per-task head.
+    """
+    if not hasattr(model, "reset_classifier"):
+        raise CLRError(f"{type(model).__name__} has no reset_classifier(); cannot change its number of classes")
+    ref = next(iter(model.parameters()), None)
+    model.reset_classifier(num_classes)
+    if ref is not None:
+        for name in _head_modules(model):
+            model.get_submodule(name).to(device=ref.device, dtype=ref.dtype)
+    if is_attached(model):
+        mark_only_adapter_as_trainable(model)
+
+
+def _restore_base(model: nn.Module, state: _CLRState) -> None:
+    if getattr(model, "num_classes", None) != state.num_classes and state.num_classes is not None:
+        resize_head(model, state.num_classes)
+    tensors = _named_tensors(model)
+    with torch.no_grad():
+        for k, v in state.base.items():
+            tensors[k].copy_(v)
+
+
+def reset_adapter(model: nn.Module, num_classes: int | None = None) -> nn.Module:
+    """Start a new task: identity kernels, the original norms, and the original (or a new) head.
+
+    Args:
+        model: An attached model.
+        num_classes: When given, a freshly initialised head for this many classes.
+    """
+    state = _state(model)
+    _restore_base(model, state)
+    for layer in model.modules():
+        if isinstance(layer, CLR_LAYERS):
+            layer.reset_parameters()
+    if num_classes is not None and num_classes != getattr(model, "num_classes", None):
+        resize_head(model, num_classes)
+    mark_only_adapter_as_trainable(model)
+    return model
+
+
+def detach(model: nn.Module) -> nn.Module:
+    """Remove CLR: the model is then bit-identical, in state and outputs, to the model before :func:`attach`.
+
+    The adapter's norm and head values are restored to the originals too: save the adapter first to keep it.
+    """
+    state = _state(model)
+    modules = dict(model.named_modules())
+    for name in state.targets:
+        conv = modules[name]
+        _remove_hooks(conv, conv._forward_hooks, _clr_forward_hook)
+        if hasattr(conv, CLR_ATTR):
+            delattr(conv, CLR_ATTR)
+    for name in state.frozen_norms:
+        _remove_hooks(modules[name], modules[name]._forward_pre_hooks, _frozen_norm_pre_hook)
+        modules[name].training = model.training
+    _remove_hooks(model, model._load_state_dict_post_hooks, _load_state_dict_post_hook)
+    _restore_base(model, state)
+    for n, p in model.named_parameters():
+        p.requires_grad_(state.requires_grad.get(n, True))
+    delattr(model, _STATE_ATTR)
+    return model

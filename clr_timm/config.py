@@ -1,0 +1,92 @@
+"""CLRConfig: what a CLR adapter reprograms, as a dataclass that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+from .errors import ConfigError
+
+__all__ = ["CLRConfig", "DEPTHWISE_POLICIES"]
+
+DEPTHWISE_POLICIES = ("clr", "skip", "scale")
+
+
+@dataclass
+class CLRConfig:
+    """Which parts of a frozen timm model a task's adapter owns.
+
+    Attributes:
+        kernel_size: Size k of the depthwise k x k reprogramming kernel inserted after each targeted conv (odd).
+        include: fnmatch patterns on module names (``"layer3.*"``); when given, only convs matching one are
+            reprogrammed. ``None`` targets every conv whose kernel is larger than 1x1.
+        exclude: fnmatch patterns on module names of convs never to reprogram (applied after ``include``).
+        depthwise: What to put after a depthwise conv (``groups == in_channels > 1``): ``"clr"`` a full
+            reprogramming kernel (the paper), ``"skip"`` nothing, ``"scale"`` one learned scale per channel.
+        train_norms: Normalisation layers are per task: their affine parameters train and, for BatchNorm, their
+            running statistics update and are saved with the adapter. When False they stay frozen (BatchNorm is
+            kept in eval mode even when the model trains).
+        train_head: The classifier (found through timm's ``get_classifier``) is per task and saved with the adapter.
+    """
+
+    kernel_size: int = 3
+    include: list[str] | None = None
+    exclude: list[str] = field(default_factory=list)
+    depthwise: Literal["clr", "skip", "scale"] = "clr"
+    train_norms: bool = True
+    train_head: bool = True
+
+    def __post_init__(self) -> None:
+        if isinstance(self.include, str):
+            self.include = [self.include]
+        if isinstance(self.exclude, str):
+            self.exclude = [self.exclude]
+        if self.include is not None:
+            self.include = list(self.include)
+        self.exclude = list(self.exclude)
+        self.validate()
+
+    def validate(self) -> None:
+        """Raise :class:`~clr_timm.ConfigError` naming the first invalid field."""
+        k = self.kernel_size
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
+            raise ConfigError(f"CLRConfig.kernel_size must be an odd positive int (e.g. 3), got {k!r}")
+        if self.depthwise not in DEPTHWISE_POLICIES:
+            raise ConfigError(f"CLRConfig.depthwise must be one of {DEPTHWISE_POLICIES}, got {self.depthwise!r}")
+        for name in ("include", "exclude"):
+            patterns = getattr(self, name)
+            if patterns is not None and not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(f"CLRConfig.{name} must be a list of fnmatch pattern strings, got {patterns!r}")
+        for name in ("train_norms", "train_head"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"CLRConfig.{name} must be a bool, got {getattr(self, name)!r}")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> CLRConfig:
+        """Build a config from a dict, refusing unknown fields (a typo must not silently change the method)."""
+        if not isinstance(data, dict):
+            raise ConfigError(f"a CLRConfig must be a JSON object, got {type(data).__name__}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ConfigError(f"unknown CLRConfig field(s) {unknown}; known fields are {sorted(known)}")
+        try:
+            return cls(**data)
+        except TypeError as e:
+            raise ConfigError(f"invalid CLRConfig {data!r}: {e}") from e
+
+    def to_json(self, **kwargs: Any) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True, **kwargs)
+
+    @classmethod
+    def from_json(cls, text: str) -> CLRConfig:
+        try:
+            data = json.loads(text)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"CLRConfig JSON does not parse: {e}") from e
+        return cls.from_dict(data)

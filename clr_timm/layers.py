@@ -1,0 +1,79 @@
+"""The reprogramming layers inserted after a frozen conv.
+
+``CLRConv2d`` is the paper's channel-wise lightweight reprogramming: a depthwise k x k conv (one kernel per channel,
+no bias, 'same' padding) initialised to the identity, so a freshly attached model computes exactly what it did
+before. ``CLRScale`` is the cheap alternative for the output of depthwise convs: one learned scale per channel.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+__all__ = ["CLRConv2d", "CLRScale", "CLR_LAYERS"]
+
+
+class CLRConv2d(nn.Module):
+    """Depthwise k x k reprogramming conv, identity at initialisation.
+
+    Args:
+        channels: Number of channels of the reprogrammed feature map.
+        kernel_size: Odd kernel size k; padding k // 2 keeps the spatial size.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size, device=device, dtype=dtype))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Set every kernel to the identity (a centred 1)."""
+        with torch.no_grad():
+            self.weight.zero_()
+            c = self.kernel_size // 2
+            self.weight[:, 0, c, c] = 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        p = self.kernel_size // 2
+        return F.conv2d(x, self.weight, None, 1, p, 1, self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}"
+
+
+class CLRScale(nn.Module):
+    """One learned scale per channel (the ``depthwise="scale"`` policy), identity at initialisation."""
+
+    def __init__(
+        self,
+        channels: int,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        self.channels = channels
+        self.weight = nn.Parameter(torch.ones(channels, device=device, dtype=dtype))
+
+    def reset_parameters(self) -> None:
+        with torch.no_grad():
+            self.weight.fill_(1.0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.weight.to(x.dtype).view(-1, 1, 1)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}"
+
+
+CLR_LAYERS = (CLRConv2d, CLRScale)
