@@ -242,11 +242,15 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
 
 def _sniff(path: Path) -> None:
     """Refuse files that are plainly not safetensors, with a message that says what they are."""
+    size = path.stat().st_size
     with open(path, "rb") as f:
-        head = f.read(8)
+        head = f.read(9)
     if not head:
         raise AdapterError(f"{path} is empty; it is not an adapter file")
-    if head.startswith(b"PK\x03\x04") or head[:1] == b"\x80":
+    # A safetensors file starts with the little-endian length of a JSON header that follows.
+    if len(head) == 9 and int.from_bytes(head[:8], "little") + 8 <= size and head[8:9] == b"{":
+        return
+    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
         raise AdapterError(
             f"{path} is a PyTorch pickle checkpoint (torch.save), not a safetensors adapter; clr_timm never unpickles "
             "files. Save adapters with clr_timm.save_adapter"

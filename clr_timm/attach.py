@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fnmatch
 import math
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 
@@ -39,6 +40,9 @@ CLR_ATTR = "clr"
 _STATE_ATTR = "_clr_state"
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_NORM_CLASS_NAME = re.compile(r"Norm(Act|Tlu)?(\d+d)?([BS]\d+a?)?(Fp32)?$")
+# Methods through which timm fuses or re-parameterises a module (see timm.models.reparameterize_model).
+_REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 
 
 @dataclass(frozen=True)
@@ -72,6 +76,7 @@ class _CLRState:
     base: dict[str, torch.Tensor]  # original values of the norm and head tensors the adapter owns
     num_classes: int | None
     frozen_norms: list[str]
+    guarded: list[tuple[str, str]] = field(default_factory=list)  # (module, method) blocked by _ReparamGuard
     task: str | None = None
     label_names: list[str] | None = None
 
@@ -95,6 +100,35 @@ def _frozen_norm_pre_hook(module: nn.Module, args: tuple) -> None:
     module.training = False
 
 
+class _ReparamGuard:
+    """Stands in for a module's fuse / reparameterize method while CLR is attached, and says what to do instead.
+
+    Fusing replaces the convs that carry the reprogramming layers and folds away the norms that are part of the
+    adapter, so re-parameterising an attached model would silently drop the adapter.
+    """
+
+    def __init__(self, module: str, method: str) -> None:
+        self.module, self.method = module, method
+
+    def __call__(self, *args, **kwargs):
+        where = f"module {self.module!r}" if self.module else "the model"
+        raise CLRError(
+            f"cannot {self.method}() {where} while CLR is attached: re-parameterising replaces the convs that carry "
+            "the reprogramming layers and fuses the per-task norms away. Re-parameterise first "
+            "(timm.utils.reparameterize_model(model)) and attach after, or call clr_timm.detach(model) first"
+        )
+
+
+def _guard_reparameterisation(model: nn.Module) -> list[tuple[str, str]]:
+    guarded = []
+    for name, m in model.named_modules():
+        for method in _REPARAM_METHODS:
+            if callable(getattr(type(m), method, None)):
+                object.__setattr__(m, method, _ReparamGuard(name, method))
+                guarded.append((name, method))
+    return guarded
+
+
 def _is_conv(m: nn.Module) -> bool:
     if isinstance(m, nn.Conv2d):
         return True
@@ -116,9 +150,10 @@ def _is_norm(m: nn.Module) -> bool:
     """Normalisation layers of torch and timm (BatchNorm, BatchNormAct2d, GroupNorm(Act), LayerNorm(2d), ...)."""
     if isinstance(m, _TORCH_NORMS):
         return True
-    # timm's own norms (RmsNorm, EvoNorm, FilterResponseNorm, ...): a "Norm" class whose own parameters are all
-    # per-channel vectors. Containers such as ConvNormAct own no parameters directly and are not matched.
-    if "Norm" not in type(m).__name__ or isinstance(m, CLR_LAYERS):
+    # timm's own norms (RmsNorm, EvoNorm2dB0, FilterResponseNormAct2d, ...): a class named like a norm layer whose
+    # own parameters are all per-channel vectors. Containers such as ConvNormAct own no parameters directly, and
+    # blocks that merely mention norms (NormFreeBlock's scalar skipinit gain) are not named like a norm layer.
+    if not _NORM_CLASS_NAME.search(type(m).__name__) or isinstance(m, CLR_LAYERS):
         return False
     params = list(m.parameters(recurse=False))
     return bool(params) and all(p.dim() <= 1 for p in params)
@@ -274,6 +309,11 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
 
     Returns:
         The same model, which in eval mode computes exactly what it computed before.
+
+    Models with re-parameterisable blocks (RepVGG, MobileOne, FastViT, RepViT, LeViT, ...) can be attached in their
+    training form or after ``timm.utils.reparameterize_model``; once attached, their ``fuse`` / ``reparameterize`` /
+    ``switch_to_deploy`` methods raise :class:`~clr_timm.CLRError` until :func:`detach`, since fusing would silently
+    drop the adapter.
     """
     if config is None:
         config = CLRConfig(**overrides) if overrides else CLRConfig()
@@ -293,7 +333,8 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
     for t in plan.targets:
         if hasattr(modules[t.name], CLR_ATTR):
             raise CLRError(f"module {t.name!r} already has an attribute {CLR_ATTR!r}; cannot attach CLR to it")
-    frozen_norms = [] if config.train_norms else [n for n in plan.norms if _has_running_stats(modules[n])]
+    frozen_stats = not (config.train_norms and config.update_norm_stats)
+    frozen_norms = [n for n in plan.norms if _has_running_stats(modules[n])] if frozen_stats else []
     state = _CLRState(
         config=config,
         targets=[t.name for t in plan.targets],
@@ -309,6 +350,7 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
     for n in frozen_norms:
         modules[n].register_forward_pre_hook(_frozen_norm_pre_hook)
     model.register_load_state_dict_post_hook(_load_state_dict_post_hook)
+    state.guarded = _guard_reparameterisation(model)
     setattr(model, _STATE_ATTR, state)
     mark_only_adapter_as_trainable(model)
     return model
@@ -385,6 +427,9 @@ def detach(model: nn.Module) -> nn.Module:
         _remove_hooks(modules[name], modules[name]._forward_pre_hooks, _frozen_norm_pre_hook)
         modules[name].training = model.training
     _remove_hooks(model, model._load_state_dict_post_hooks, _load_state_dict_post_hook)
+    for name, method in state.guarded:
+        if isinstance(modules[name].__dict__.get(method), _ReparamGuard):
+            object.__delattr__(modules[name], method)
     _restore_base(model, state)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(n, True))

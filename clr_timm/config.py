@@ -28,6 +28,10 @@ class CLRConfig:
         train_norms: Normalisation layers are per task: their affine parameters train and, for BatchNorm, their
             running statistics update and are saved with the adapter. When False they stay frozen (BatchNorm is
             kept in eval mode even when the model trains).
+        update_norm_stats: With ``train_norms``, BatchNorm running statistics update while the model trains (the
+            paper). When False they keep their pretrained values and BatchNorm normalises with them in train mode
+            too, while the affine parameters still train: on small batches and little data this transfers much
+            better (see the README's recipe notes). The statistics are part of the adapter either way.
         train_head: The classifier (found through timm's ``get_classifier``) is per task and saved with the adapter.
     """
 
@@ -36,6 +40,7 @@ class CLRConfig:
     exclude: list[str] = field(default_factory=list)
     depthwise: Literal["clr", "skip", "scale"] = "clr"
     train_norms: bool = True
+    update_norm_stats: bool = True
     train_head: bool = True
 
     def __post_init__(self) -> None:
@@ -59,7 +64,7 @@ class CLRConfig:
             patterns = getattr(self, name)
             if patterns is not None and not all(isinstance(p, str) for p in patterns):
                 raise ConfigError(f"CLRConfig.{name} must be a list of fnmatch pattern strings, got {patterns!r}")
-        for name in ("train_norms", "train_head"):
+        for name in ("train_norms", "update_norm_stats", "train_head"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"CLRConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
