@@ -19,7 +19,22 @@ from .attach import (
 from .config import CLRConfig
 from .count import ParameterCount, count_parameters, print_trainable_parameters
 from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError
+from .hub import (
+    HubAuthError,
+    HubError,
+    HubOfflineError,
+    HubRepoNotFoundError,
+    HubRevisionNotFoundError,
+    TaskNotFoundError,
+    describe,
+    download_adapter,
+    list_tasks,
+    push_folder,
+    push_to_hub,
+    save_pretrained,
+)
 from .layers import CLRConv2d, CLRScale
+from .multitask import EntropyOracle, MultiTaskModel, TaskOracle
 from .version import __version__
 
 __all__ = [
@@ -45,9 +60,24 @@ __all__ = [
     "backbone_fingerprint",
     "AdapterFile",
     "ADAPTER_FILE",
+    "save_pretrained",
+    "push_to_hub",
+    "push_folder",
+    "list_tasks",
+    "download_adapter",
+    "describe",
+    "MultiTaskModel",
+    "EntropyOracle",
+    "TaskOracle",
     "CLRError",
     "ConfigError",
     "AdapterError",
     "AdapterMismatchError",
     "BackboneMismatchError",
+    "HubError",
+    "HubRepoNotFoundError",
+    "HubAuthError",
+    "HubRevisionNotFoundError",
+    "TaskNotFoundError",
+    "HubOfflineError",
 ]
