@@ -20,6 +20,7 @@ from torch import nn
 
 from .attach import (
     CLR_ATTR,
+    CLRPlan,
     _adapter_tensors,
     _key,
     _named_tensors,
@@ -96,36 +97,34 @@ def base_model_info(model: nn.Module) -> dict[str, str | None]:
     }
 
 
-def _frozen_keys(model: nn.Module) -> list[str]:
-    plan = current_plan(model) if is_attached(model) else plan_targets(model)
-    owned = {k for k, _, _ in _adapter_tensors(model, plan)}
-    head = tuple(h + "." for h in plan.head)
-    return sorted(
-        k for k in model.state_dict() if k not in owned and not k.startswith(head) and f".{CLR_ATTR}." not in f".{k}"
-    )
+def _frozen_tensors(model: nn.Module, plan=None, tensors=None) -> list[tuple[str, torch.Tensor]]:
+    """The tensors no adapter owns under any config (norm layers, the head and CLR kernels excluded), by key."""
+    plan = plan or (current_plan(model) if is_attached(model) else plan_targets(model))
+    tensors = _named_tensors(model) if tensors is None else tensors
+    owned = tuple(f"{n}." for n in (*plan.norms, *plan.head))
+    return sorted((k, t) for k, t in tensors.items() if not k.startswith(owned) and f".{CLR_ATTR}." not in f".{k}")
 
 
-def backbone_fingerprint(model: nn.Module) -> str | None:
+def backbone_fingerprint(model: nn.Module, *, _plan=None, _tensors=None) -> str | None:
     """A short hash of the frozen backbone weights, recorded in each adapter to catch a wrong base model.
 
-    It hashes every frozen tensor's name and shape and 64 evenly spaced values of it (as float32), so it takes
-    milliseconds on any model, and it tells apart any two different sets of weights in practice (two trainings
-    differ in every value); it is a check against mistakes, not a cryptographic seal. Returns None on a model
-    with no data (the ``meta`` device).
+    It hashes the name and shape of every tensor that no adapter owns (norm layers and the head excluded, so it does
+    not depend on the CLRConfig or the number of classes) and 64 evenly strided values of each (as float32). It takes
+    milliseconds on any model and tells apart any two different sets of weights in practice (two trainings differ in
+    every value); it is a check against mistakes, not a cryptographic seal. Returns None on a model with no data
+    (the ``meta`` device).
     """
-    tensors = _named_tensors(model)
     h = hashlib.sha256()
-    for k in _frozen_keys(model):
-        t = tensors[k].detach()
+    samples = []
+    for k, t in _frozen_tensors(model, _plan, _tensors):
         if t.is_meta:
             return None
         h.update(f"{k}:{tuple(t.shape)};".encode())
-        flat = t.reshape(-1)
-        n = flat.numel()
-        if n:
-            steps = min(n, _FINGERPRINT_SAMPLES)
-            idx = torch.arange(steps, device=t.device) * (n - 1) // max(steps - 1, 1)
-            h.update(flat[idx].to(device="cpu", dtype=torch.float32).numpy().tobytes())
+        flat = t.detach().reshape(-1)
+        if flat.numel():
+            samples.append(flat[:: max(1, flat.numel() // _FINGERPRINT_SAMPLES)][:_FINGERPRINT_SAMPLES].float().cpu())
+    if samples:
+        h.update(torch.cat(samples).numpy().tobytes())
     return h.hexdigest()[:32]
 
 
@@ -262,13 +261,13 @@ def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any = None) 
         return default
     try:
         return json.loads(meta[key])
-    except ValueError as e:
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the JSON parser goes
         raise AdapterError(f"{path}: metadata field {key!r} is not valid JSON ({e})") from e
 
 
 def read_adapter(path: str | os.PathLike) -> AdapterFile:
     """Read and check an adapter file on its own (no model needed). Raises :class:`AdapterError` on any problem."""
-    from safetensors import safe_open
+    from safetensors.torch import load as safetensors_load
 
     path = Path(path)
     if path.is_dir():
@@ -277,11 +276,14 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise AdapterError(f"no adapter file at {path}")
     _sniff(path)
     try:
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 (a safe_open handle, not a dict)
+        data = path.read_bytes()
+        header_len = int.from_bytes(data[:8], "little")
+        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
+        tensors = safetensors_load(data)
     except Exception as e:  # safetensors raises its own error types for every kind of damaged file
         raise AdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+    if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
+        raise AdapterError(f"{path}: safetensors metadata must map strings to strings")
     if meta.get("clr_format") != FORMAT_NAME:
         raise AdapterError(
             f"{path} is a safetensors file but not a clr_timm adapter (metadata 'clr_format' is "
@@ -291,6 +293,8 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         version = int(meta.get("clr_format_version", ""))
     except ValueError as e:
         raise AdapterError(f"{path}: metadata 'clr_format_version' is missing or not an integer") from e
+    if version < 1:
+        raise AdapterError(f"{path}: metadata 'clr_format_version' is {version}; format versions start at 1")
     if version > FORMAT_VERSION:
         raise AdapterError(
             f"{path} was written in adapter format version {version} by a newer clr_timm; this clr_timm "
@@ -300,7 +304,7 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         raise AdapterError(f"{path}: metadata has no 'config'")
     try:
         config = CLRConfig.from_json(meta["config"])
-    except ConfigError as e:
+    except (ConfigError, RecursionError) as e:
         raise AdapterError(f"{path}: invalid CLRConfig in metadata: {e}") from e
     num_classes = _json_meta(meta, "num_classes", path)
     if num_classes is not None and (
@@ -310,15 +314,22 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     label_names = _json_meta(meta, "label_names", path)
     if label_names is not None and not (isinstance(label_names, list) and all(isinstance(n, str) for n in label_names)):
         raise AdapterError(f"{path}: metadata 'label_names' must be a list of strings")
+    if label_names is not None and num_classes is not None and len(label_names) != num_classes:
+        raise AdapterError(f"{path}: metadata has {len(label_names)} label names for a head of {num_classes} classes")
     task = _json_meta(meta, "task", path)
     if task is not None and not isinstance(task, str):
         raise AdapterError(f"{path}: metadata 'task' must be a string")
-    for k, t in tensors.items():
-        if t.is_floating_point():
-            if t.dtype not in _FLOAT_DTYPES:
-                raise AdapterError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
-            if not torch.isfinite(t).all():
-                raise AdapterError(f"{path}: tensor {k!r} contains NaN or Inf values; the adapter is corrupt")
+    try:
+        _check_task_name(task)
+    except CLRError as e:
+        raise AdapterError(f"{path}: metadata 'task' is not a valid task name: {e}") from e
+    floats = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
+    for k, t in floats:
+        if t.dtype not in _FLOAT_DTYPES:
+            raise AdapterError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
+    if floats and not torch.isfinite(torch.cat([t.reshape(-1).float() for _, t in floats])).all():
+        bad = next(k for k, t in floats if not torch.isfinite(t).all())
+        raise AdapterError(f"{path}: tensor {bad!r} contains NaN or Inf values; the adapter is corrupt")
     versions = _json_meta(meta, "versions", path, {}) or {}
     return AdapterFile(
         path=str(path),
@@ -336,11 +347,9 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     )
 
 
-def _expected_shapes(model: nn.Module, adapter: AdapterFile) -> dict[str, tuple[tuple[int, ...], str, bool]]:
+def _expected_shapes(model: nn.Module, adapter: AdapterFile, plan) -> dict[str, tuple[tuple[int, ...], str, bool]]:
     """key -> (shape, kind, is_float) the adapter must have to fit ``model`` (head resized to the adapter's classes)."""
-    config = adapter.config
-    plan = plan_targets(model, config)
-    k = config.kernel_size
+    k = adapter.config.kernel_size
     expected = {}
     for t in plan.targets:
         shape = (t.channels,) if t.layer == "scale" else (t.channels, 1, k, k)
@@ -356,7 +365,8 @@ def _expected_shapes(model: nn.Module, adapter: AdapterFile) -> dict[str, tuple[
     return expected
 
 
-def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> None:
+def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> CLRPlan:
+    """Check that ``adapter`` fits ``model``, raising before anything changes; returns the plan it was checked with."""
     path = adapter.path
     if is_attached(model) and get_config(model) != adapter.config:
         raise AdapterMismatchError(
@@ -373,7 +383,8 @@ def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> N
             )
         if adapter.num_classes is None:
             raise AdapterError(f"{path}: metadata has no 'num_classes' to size the head with")
-    expected = _expected_shapes(model, adapter)
+    plan = plan_targets(model, adapter.config)
+    expected = _expected_shapes(model, adapter, plan)
     for key, (shape, kind, is_float) in expected.items():
         if key not in adapter.tensors:
             raise AdapterMismatchError(f"{path} has no tensor {key!r} ({kind}) that the model needs: wrong base model?")
@@ -389,13 +400,14 @@ def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> N
     if extra:
         raise AdapterMismatchError(f"{path} has tensor {extra[0]!r} that the model has no place for: wrong base model?")
     if check_backbone and adapter.backbone_fingerprint:
-        mine = backbone_fingerprint(model)
+        mine = backbone_fingerprint(model, _plan=plan)
         if mine is not None and mine != adapter.backbone_fingerprint:
             raise BackboneMismatchError(
                 f"{path} was trained on other backbone weights than this model's (fingerprint "
                 f"{adapter.backbone_fingerprint} != {mine}; made for {adapter.base_model or 'an unknown base model'}). "
                 "Load the right pretrained weights, or pass check_backbone=False to load it anyway"
             )
+    return plan
 
 
 def _apply(model: nn.Module, adapter: AdapterFile) -> None:
@@ -431,11 +443,11 @@ def load_adapter(
     """
     _check_task_name(task)
     adapter = read_adapter(_resolve(source, task, hub_kwargs))
-    _validate(model, adapter, check_backbone)
+    plan = _validate(model, adapter, check_backbone)
     was_attached = is_attached(model)
     backup = None
     if was_attached:
-        backup = {k: t.detach().clone() for k, t in adapter_tensors_for_saving(model).items()}
+        backup = {k: t.detach().clone() for k, t, _ in _adapter_tensors(model, plan)}
         old = (_state(model).task, _state(model).label_names, getattr(model, "num_classes", None))
     try:
         if not was_attached:

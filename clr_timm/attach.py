@@ -163,27 +163,40 @@ def _has_running_stats(m: nn.Module) -> bool:
     return any(n in _NORM_STAT_BUFFERS for n, _ in m.named_buffers(recurse=False))
 
 
-def _head_modules(model: nn.Module) -> list[str]:
-    """Names of the classifier modules, found through timm's own API."""
-    heads: list[nn.Module] = []
-    if hasattr(model, "get_classifier"):
-        try:
-            got = model.get_classifier()
-        except Exception:  # a model whose get_classifier is not implemented for its current state
-            got = None
-        if isinstance(got, nn.Module):
-            heads = [got]
-        elif isinstance(got, (tuple, list)):
-            heads = [h for h in got if isinstance(h, nn.Module)]
-    if heads:
-        ids = {id(h) for h in heads}
-        return [n for n, m in model.named_modules() if id(m) in ids and n]
+def _classifier_objects(model: nn.Module) -> list[nn.Module]:
+    """The classifier module(s), found through timm's ``get_classifier``."""
+    if not hasattr(model, "get_classifier"):
+        return []
+    try:
+        got = model.get_classifier()
+    except Exception:  # a model whose get_classifier is not implemented for its current state
+        return []
+    if isinstance(got, nn.Module):
+        return [got]
+    if isinstance(got, (tuple, list)):
+        return [h for h in got if isinstance(h, nn.Module)]
+    return []
+
+
+def _classifier_names_from_cfg(model: nn.Module) -> list[str]:
+    """Fallback for models without ``get_classifier``: ``pretrained_cfg["classifier"]``."""
     cfg = getattr(model, "pretrained_cfg", None) or getattr(model, "default_cfg", None) or {}
     names = cfg.get("classifier") if isinstance(cfg, dict) else None
     if isinstance(names, str):
         names = [names]
-    modules = dict(model.named_modules())
-    return [n for n in (names or []) if n in modules]
+    found = []
+    for n in names or []:
+        try:
+            model.get_submodule(n)
+        except AttributeError:
+            continue
+        found.append(n)
+    return found
+
+
+def _head_modules(model: nn.Module) -> list[str]:
+    """Names of the classifier modules, found through timm's own API."""
+    return plan_targets(model).head
 
 
 def _matches(name: str, patterns: list[str]) -> bool:
@@ -200,9 +213,13 @@ def plan_targets(model: nn.Module, config: CLRConfig | None = None) -> CLRPlan:
     Works on models built on the ``meta`` device, which is how the parameter-count benchmark walks the registry.
     """
     config = config or CLRConfig()
-    head = _head_modules(model)
+    head_ids = {id(h) for h in _classifier_objects(model)}
+    head = [] if head_ids else _classifier_names_from_cfg(model)
     targets, norms, skipped = [], [], []
-    for name, m in model.named_modules():
+    for name, m in model.named_modules():  # one walk: parents come before their children
+        if name and id(m) in head_ids:
+            head.append(name)
+            continue
         if isinstance(m, CLR_LAYERS) or _under(name, head):
             continue
         if _is_conv(m) and _kernel_area(m) > 1:
