@@ -19,6 +19,7 @@ from .attach import (
 from .config import CLRConfig
 from .count import ParameterCount, count_parameters, print_trainable_parameters
 from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError
+from .fuse import fuse, is_fused, unfuse
 from .hub import (
     HubAuthError,
     HubError,
@@ -54,6 +55,9 @@ __all__ = [
     "count_parameters",
     "print_trainable_parameters",
     "ParameterCount",
+    "fuse",
+    "unfuse",
+    "is_fused",
     "save_adapter",
     "load_adapter",
     "read_adapter",

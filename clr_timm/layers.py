@@ -46,6 +46,8 @@ class CLRConv2d(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         p = self.kernel_size // 2
+        if "fused_bias" in self._buffers:  # clr_timm.fuse folded the following BatchNorm in
+            return F.conv2d(x, self._buffers["fused_weight"], self._buffers["fused_bias"], 1, p, 1, self.channels)
         return F.conv2d(x, self.weight, None, 1, p, 1, self.channels)
 
     def extra_repr(self) -> str:
@@ -70,6 +72,9 @@ class CLRScale(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "fused_bias" in self._buffers:  # clr_timm.fuse folded the following BatchNorm in
+            w, b = self._buffers["fused_weight"], self._buffers["fused_bias"]
+            return torch.addcmul(b.to(x.dtype).view(-1, 1, 1), x, w.to(x.dtype).view(-1, 1, 1))
         return x * self.weight.to(x.dtype).view(-1, 1, 1)
 
     def extra_repr(self) -> str:
