@@ -92,6 +92,6 @@ class CLRConfig:
     def from_json(cls, text: str) -> CLRConfig:
         try:
             data = json.loads(text)
-        except (TypeError, ValueError) as e:
+        except (TypeError, ValueError, RecursionError) as e:
             raise ConfigError(f"CLRConfig JSON does not parse: {e}") from e
         return cls.from_dict(data)

@@ -202,7 +202,7 @@ def _hub_errors(
             "that exists"
         ) from e
     except (OfflineModeIsEnabled, LocalEntryNotFoundError) as e:
-        raise HubOfflineError(f"cannot reach the Hub for {repo_id}{_at(revision)}: {_offline_reason()}") from e
+        raise HubOfflineError(f"cannot reach the Hub for {repo_id}{_at(revision)}: {_offline_reason(error=e)}") from e
     except HfHubHTTPError as e:
         status = getattr(getattr(e, "response", None), "status_code", None)
         server = getattr(e, "server_message", None) or str(e).splitlines()[0]
@@ -219,10 +219,15 @@ def _hub_errors(
             raise HubAuthError(f"your token may not read {repo_id} ({server}): ask its owner for access") from e
         if status == 412:
             raise HubError(f"{repo_id}{_at(revision)} changed while pushing; nothing was committed: push again") from e
-        raise HubError(f"the Hub answered HTTP {status} to a request for {repo_id}{_at(revision)}: {server}") from e
+        raise HubError(
+            f"the Hub answered HTTP {status} to a request for {repo_id}{_at(revision)}: {server}{_status_hint(status)}"
+        ) from e
     except Exception as e:
         if isinstance(e, _network_errors()):
-            raise HubError(f"cannot reach the Hub at {_endpoint()} for {repo_id}: {e}") from e
+            hint = _TIMEOUT_HINT if "Timeout" in type(e).__name__ else ""
+            raise HubError(
+                f"cannot reach the Hub at {_endpoint()} for {repo_id}: {str(e) or type(e).__name__}{hint}"
+            ) from e
         raise
 
 
@@ -238,13 +243,36 @@ def _needs_token(repo_id: str, write: bool) -> str:
     )
 
 
-def _offline_reason(local_files_only: bool = False) -> str:
+_TIMEOUT_HINT = " (HF_HUB_ETAG_TIMEOUT and HF_HUB_DOWNLOAD_TIMEOUT, 10 s by default: raise them on a slow connection)"
+
+
+def _status_hint(status: int | None) -> str:
+    if status == 429:
+        return " (too many requests; wait a while and try again)"
+    if status is not None and status >= 500:
+        return " (a problem on the Hub's side; try again later)"
+    return ""
+
+
+def _offline_reason(local_files_only: bool = False, error: BaseException | None = None) -> str:
+    """Why the Hub gave nothing: offline mode, or what the client's last attempt met (an HTTP status, a timeout)."""
     from huggingface_hub import constants
+    from huggingface_hub.errors import HfHubHTTPError
 
     if constants.HF_HUB_OFFLINE:
         return "offline mode is on (HF_HUB_OFFLINE)"
     if local_files_only:
         return "local_files_only=True"
+    seen: set[int] = set()
+    cause = error
+    while cause is not None and id(cause) not in seen:  # the client wraps the real cause in LocalEntryNotFoundError
+        seen.add(id(cause))
+        status = getattr(getattr(cause, "response", None), "status_code", None)
+        if isinstance(cause, HfHubHTTPError) and status is not None:
+            return f"the Hub at {_endpoint()} answered HTTP {status}{_status_hint(status)}"
+        if "Timeout" in type(cause).__name__:
+            return f"the Hub at {_endpoint()} did not answer within the client's timeout{_TIMEOUT_HINT}"
+        cause = cause.__cause__ or cause.__context__
     return f"the Hub at {_endpoint()} cannot be reached"
 
 
@@ -871,6 +899,12 @@ def download_adapter(
             )
         except RemoteEntryNotFoundError as e:
             raise _task_not_found(api, repo_id, task, revision) from e
+        except _network_errors():
+            # The client falls back on its cache when it cannot connect or times out, but not when a connection
+            # breaks mid-answer (a dropped or garbled response): do the same then, and re-raise if nothing is cached.
+            path = None if local_files_only or force_download else _cached_copy(api, repo_id, where)
+            if path is None:
+                raise
         except (LocalEntryNotFoundError, OfflineModeIsEnabled) as e:
             cached = _cached_tasks(repo_id, revision, cache_dir) if local_dir is None else None
             hint = ""
@@ -879,7 +913,7 @@ def download_adapter(
                 hint = f" Tasks of this repo{_at(revision)} in the cache: {names}."
             raise HubOfflineError(
                 f"{_task_label(task)} of {repo_id}{_at(revision)} is not in the local cache and "
-                f"{_offline_reason(local_files_only)}: download it once with the Hub reachable (e.g. `clr-timm pull "
+                f"{_offline_reason(local_files_only, e)}: download it once with the Hub reachable (e.g. `clr-timm pull "
                 f"{repo_id}{f' --task {shlex.quote(task)}' if task else ''}`), or pass the cache_dir that holds it."
                 f"{hint}"
             ) from e
@@ -889,6 +923,16 @@ def download_adapter(
                     repo_id, CONFIG_FILE, **where, local_files_only=local_files_only, force_download=force_download
                 )
     return Path(path)
+
+
+def _cached_copy(api: HfApi, repo_id: str, where: dict[str, Any]) -> str | None:
+    """The adapter file the cache holds for the revision asked for, or None."""
+    from huggingface_hub.errors import LocalEntryNotFoundError, OfflineModeIsEnabled
+
+    try:
+        return api.hf_hub_download(repo_id, ADAPTER_FILE, **where, local_files_only=True)
+    except (LocalEntryNotFoundError, OfflineModeIsEnabled):
+        return None
 
 
 def _task_not_found(api: HfApi, repo_id: str, task: str | None, revision: str | None) -> TaskNotFoundError:

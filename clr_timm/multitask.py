@@ -40,6 +40,7 @@ import copy
 import functools
 import math
 import os
+import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -67,6 +68,17 @@ from .layers import CLRConv2d, CLRScale
 __all__ = ["MultiTaskModel", "TaskAdapter", "TaskOracle", "EntropyOracle"]
 
 _HUB_PREFIX = "hf-hub:"
+
+
+def _locked(method: Callable) -> Callable:
+    """Serialise calls that bind tasks or change the shared model (see "Threads" in the class docstring)."""
+
+    @functools.wraps(method)
+    def wrapper(self: MultiTaskModel, *args: Any, **kwargs: Any) -> Any:
+        with self._lock:
+            return method(self, *args, **kwargs)
+
+    return wrapper
 _MISSING = object()
 
 
@@ -398,6 +410,11 @@ class MultiTaskModel(nn.Module):
     ``mt.model`` alone, and load or save tasks through ``mt`` (:meth:`load_task`, :meth:`save_task`) rather than with
     ``clr_timm.load_adapter(mt.model, ...)``, which would write into whichever task is bound. One MultiTaskModel per
     model.
+
+    Threads: every call that binds a task or changes the shared model (``mt(x)``, ``mt(x, task=...)``,
+    ``mt(x, tasks=[...])``, ``set_task``, ``add_task``, ``remove_task``, loading, saving, ``.to()``) holds one
+    re-entrant lock of this instance, so calls from several threads are safe and run one at a time. For parallel
+    inference, give each thread its own ``copy.deepcopy(mt)``, or compile / serve ``mt.model`` after ``set_task``.
     """
 
     def __init__(
@@ -409,6 +426,7 @@ class MultiTaskModel(nn.Module):
         label_names: list[str] | None = None,
     ) -> None:
         super().__init__()
+        self._lock = threading.RLock()
         if is_attached(model) and config is not None and config != _state(model).config:
             raise AdapterMismatchError(
                 f"the model is attached with {_state(model).config}, not {config}; call clr_timm.detach(model) first"
@@ -447,6 +465,15 @@ class MultiTaskModel(nn.Module):
         else:
             for _, t in self._live_tensors().items():
                 t.requires_grad_(False)
+
+    def __getstate__(self) -> dict[str, Any]:
+        state = self.__dict__.copy()
+        state.pop("_lock", None)  # locks do not pickle or deepcopy; each copy gets its own
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        self._lock = threading.RLock()
 
     @staticmethod
     def _ancestors(path: str) -> Iterator[str]:
@@ -505,6 +532,7 @@ class MultiTaskModel(nn.Module):
         self._bound_task = name
         self.set_task(name)
 
+    @_locked
     def add_task(
         self, name: str, num_classes: int | None = None, *, label_names: list[str] | None = None
     ) -> TaskAdapter:
@@ -584,6 +612,7 @@ class MultiTaskModel(nn.Module):
             head.requires_grad_(False)
         return heads
 
+    @_locked
     def remove_task(self, name: str) -> None:
         """Forget a task. Removing the current task leaves no current task until :meth:`set_task`."""
         adapter = self._adapter(name)
@@ -594,6 +623,7 @@ class MultiTaskModel(nn.Module):
         if self._bound_task == name:
             self._bound_task = None  # its tensors stay in the model's slots until another task is bound
 
+    @_locked
     def set_task(self, name: str) -> None:
         """Make ``name`` the current task: re-point the model's adapter slots at its tensors (no data is copied).
 
@@ -640,6 +670,7 @@ class MultiTaskModel(nn.Module):
             live.update({f"{path}.{k}": v for k, v in head.state_dict(keep_vars=True).items()})
         return live
 
+    @_locked
     def _apply(self, fn: Callable, recurse: bool = True) -> MultiTaskModel:
         # .to() / .half() / .cuda() visit every tensor once, through its task, then the bound task is re-pointed
         # (buffers become new tensors on conversion, and the model's aliases must follow).
@@ -677,6 +708,7 @@ class MultiTaskModel(nn.Module):
 
     # -------------------------------------------------------------------------------- forward
 
+    @_locked
     def forward(
         self,
         x: torch.Tensor,
@@ -806,6 +838,7 @@ class MultiTaskModel(nn.Module):
 
     # -------------------------------------------------------------------------------- files and the Hub
 
+    @_locked
     def save_task(
         self,
         name: str,
@@ -821,6 +854,7 @@ class MultiTaskModel(nn.Module):
                 self.model, path, dtype, task=name, label_names=adapter.label_names, overwrite=overwrite
             )
 
+    @_locked
     def save_pretrained(
         self,
         folder: str | os.PathLike,
@@ -896,6 +930,7 @@ class MultiTaskModel(nn.Module):
         _validate(self.model, adapter, check_backbone)
         return self._load(name, adapter)
 
+    @_locked
     def _load(self, name: str, adapter: AdapterFile) -> str:
         self._check_name(name)
         if name in self.adapters:
