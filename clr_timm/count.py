@@ -5,15 +5,56 @@ Shared by :func:`print_trainable_parameters`, the ``clr-timm count`` command and
 
 from __future__ import annotations
 
+import difflib
 from dataclasses import asdict, dataclass
+from typing import Any
 
+import torch
 from torch import nn
 
 from .attach import CLR_ATTR, _adapter_tensors, _under, get_config, is_attached, plan_targets
 from .config import CLRConfig
+from .errors import CLRError
 from .layers import CLR_LAYERS
 
-__all__ = ["ParameterCount", "count_parameters", "print_trainable_parameters", "format_count"]
+__all__ = [
+    "CURATED_MODELS",
+    "ModelCount",
+    "ParameterCount",
+    "count_model",
+    "count_parameters",
+    "format_count",
+    "format_table",
+    "print_trainable_parameters",
+    "resolve_model_names",
+]
+
+CURATED_MODELS = (
+    "resnet18",
+    "resnet50",
+    "resnext50_32x4d",
+    "res2net50_26w_4s",
+    "resnetv2_50x1_bit",
+    "regnetx_032",
+    "regnety_016",
+    "efficientnet_b0",
+    "tf_efficientnetv2_s",
+    "mobilenetv2_100",
+    "mobilenetv3_large_100",
+    "mixnet_s",
+    "ghostnet_100",
+    "convnext_tiny",
+    "densenet121",
+    "inception_v3",
+    "legacy_xception",
+    "vgg16",
+    "repvgg_a2",
+    "dm_nfnet_f0",
+    "hrnet_w18",
+    "cspdarknet53",
+    "dla34",
+)
+"""Well-known CNNs across timm's families: the README's parameter-count table (``clr-timm count`` with no model)."""
 
 
 @dataclass(frozen=True)
@@ -122,3 +163,138 @@ def print_trainable_parameters(model: nn.Module, config: CLRConfig | None = None
     c = count_parameters(model, config)
     print(format_count(c))
     return c
+
+
+@dataclass(frozen=True)
+class ModelCount:
+    """The per-task cost of CLR on one timm architecture (see :func:`count_model`).
+
+    Attributes:
+        model: timm model name.
+        num_classes: Classes of the head the count was made with.
+        config: The CLR config counted.
+        built_on: ``"meta"`` (no memory, no init) or ``"cpu"`` for a model that does not build on the meta device.
+        count: The breakdown.
+    """
+
+    model: str
+    num_classes: int
+    config: CLRConfig
+    built_on: str
+    count: ParameterCount
+
+    def to_dict(self) -> dict[str, Any]:
+        """A flat, JSON- and CSV-ready dict."""
+        return {
+            "model": self.model,
+            "num_classes": self.num_classes,
+            **{f"config_{k}": v for k, v in self.config.to_dict().items() if k in ("kernel_size", "depthwise")},
+            "config_train_norms": self.config.train_norms,
+            "built_on": self.built_on,
+            **self.count.to_dict(),
+        }
+
+
+def resolve_model_names(names: list[str]) -> list[str]:
+    """Check timm model names, expanding wildcards (``"resnet*"``) through ``timm.list_models``.
+
+    Raises:
+        CLRError: For a name timm does not know, with the closest names it does know.
+    """
+    import timm
+
+    resolved = []
+    for name in names:
+        if any(c in name for c in "*?["):
+            matches = timm.list_models(name)
+            if not matches:
+                raise CLRError(f"no timm model matches {name!r}")
+            resolved += matches
+        elif timm.is_model(name):
+            resolved.append(name)
+        else:
+            raise CLRError(f"unknown timm model {name!r}{_suggestions(name)}")
+    return resolved
+
+
+def _suggestions(name: str) -> str:
+    import timm
+
+    known = timm.list_models()
+    close = difflib.get_close_matches(name, known, n=5, cutoff=0.6)
+    if not close:
+        close = timm.list_models(f"*{name}*")[:5]
+    return f"; did you mean {', '.join(close)}?" if close else "; list them with timm.list_models()"
+
+
+def count_model(name: str, config: CLRConfig | None = None, num_classes: int = 1000) -> ModelCount:
+    """Build a timm architecture without weights and count what a CLR adapter costs on it.
+
+    The model is built on the ``meta`` device, which allocates nothing and skips weight init, so that counting the
+    whole registry takes minutes; a model whose constructor needs real tensors is built on the CPU instead.
+
+    Args:
+        name: timm model name (``timm.list_models()``; a pretrained tag is allowed).
+        config: CLR config to count; defaults to the paper's.
+        num_classes: Classes of the per-task head.
+
+    Raises:
+        CLRError: For an unknown model name (with close names), or one that does not build.
+    """
+    import timm
+
+    config = config or CLRConfig()
+    if not timm.is_model(name):
+        raise CLRError(f"unknown timm model {name!r}{_suggestions(name)}")
+    errors = []
+    for device in ("meta", "cpu"):
+        try:
+            with torch.device(device):
+                model = timm.create_model(name, pretrained=False, num_classes=num_classes)
+        except Exception as e:  # any constructor failure: try the next device, then report them all
+            errors.append(f"on {device}: {type(e).__name__}: {e}")
+            continue
+        return ModelCount(name, num_classes, config, device, count_parameters(model, config))
+    raise CLRError(f"timm model {name!r} does not build ({'; '.join(errors)})")
+
+
+_TABLE_HEADER = (
+    "model",
+    "backbone params (no head)",
+    "CLR kernels",
+    "norm affine",
+    "norm stats",
+    "head ({} classes)",
+    "per task",
+    "% of backbone",
+    "adapter bytes fp32 / fp16",
+)
+
+
+def _mb(n: int) -> str:
+    return f"{n / 1e6:.2f} MB" if n >= 10_000 else f"{n / 1e3:.1f} kB"
+
+
+def format_table(rows: list[ModelCount]) -> str:
+    """A markdown table of counts, to paste into a README.
+
+    "per task" is what a task adds without its head (the paper's number); the adapter bytes include the head.
+    """
+    classes = sorted({r.num_classes for r in rows})
+    header = [h.format(classes[0] if len(classes) == 1 else "N") for h in _TABLE_HEADER]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    for r in rows:
+        c = r.count
+        cells = [
+            f"`{r.model}`",
+            f"{c.backbone:,}",
+            f"{c.clr:,}",
+            f"{c.norm_affine:,}",
+            f"{c.norm_stats:,}",
+            f"{c.head:,}",
+            f"{c.per_task:,}",
+            f"{c.percent_of_backbone:.3f}%",
+            f"{_mb(c.bytes_fp32)} / {_mb(c.bytes_fp16)}",
+        ]
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines)

@@ -79,6 +79,8 @@ def _locked(method: Callable) -> Callable:
             return method(self, *args, **kwargs)
 
     return wrapper
+
+
 _MISSING = object()
 
 
