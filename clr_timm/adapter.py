@@ -11,6 +11,8 @@ import hashlib
 import json
 import os
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,14 +224,17 @@ def adapter_tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
     return {k: t for k, t, _ in _adapter_tensors(model, current_plan(model))}
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
-    from safetensors.torch import save_file
+@contextmanager
+def atomic_path(path: Path) -> Iterator[str]:
+    """A temporary path beside ``path``: written by the caller, then fsynced and renamed over ``path``.
 
+    A crash or Ctrl-C before the rename leaves the previous file intact and removes the partial one.
+    """
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     os.close(fd)
     try:
-        save_file(tensors, tmp, metadata=metadata)
+        yield tmp
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
         os.replace(tmp, path)
@@ -237,6 +242,13 @@ def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], pat
         if os.path.exists(tmp):
             os.unlink(tmp)
         raise
+
+
+def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+    from safetensors.torch import save_file
+
+    with atomic_path(path) as tmp:
+        save_file(tensors, tmp, metadata=metadata)
 
 
 def _sniff(path: Path) -> None:

@@ -38,6 +38,7 @@ from .adapter import (
     FORMAT_VERSION,
     AdapterFile,
     _check_task_name,
+    atomic_path,
     read_adapter,
     save_adapter,
 )
@@ -307,18 +308,8 @@ def _cached_tasks(repo_id: str, revision: str | None, cache_dir: str | os.PathLi
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8", newline="\n") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
 
 
 def _human_bytes(n: int | None) -> str:
