@@ -377,8 +377,13 @@ def _expected_shapes(model: nn.Module, adapter: AdapterFile, plan) -> dict[str, 
     return expected
 
 
-def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> CLRPlan:
-    """Check that ``adapter`` fits ``model``, raising before anything changes; returns the plan it was checked with."""
+def _validate(
+    model: nn.Module, adapter: AdapterFile, check_backbone: bool, tensors: dict[str, torch.Tensor] | None = None
+) -> CLRPlan:
+    """Check that ``adapter`` fits ``model``, raising before anything changes; returns the plan it was checked with.
+
+    ``tensors``: ``model``'s ``state_dict(keep_vars=True)`` when the caller already has it (saves a model walk).
+    """
     path = adapter.path
     if is_attached(model) and get_config(model) != adapter.config:
         raise AdapterMismatchError(
@@ -412,7 +417,7 @@ def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> C
     if extra:
         raise AdapterMismatchError(f"{path} has tensor {extra[0]!r} that the model has no place for: wrong base model?")
     if check_backbone and adapter.backbone_fingerprint:
-        mine = backbone_fingerprint(model, _plan=plan)
+        mine = backbone_fingerprint(model, _plan=plan, _tensors=tensors)
         if mine is not None and mine != adapter.backbone_fingerprint:
             raise BackboneMismatchError(
                 f"{path} was trained on other backbone weights than this model's (fingerprint "
@@ -422,10 +427,12 @@ def _validate(model: nn.Module, adapter: AdapterFile, check_backbone: bool) -> C
     return plan
 
 
-def _apply(model: nn.Module, adapter: AdapterFile) -> None:
+def _apply(model: nn.Module, adapter: AdapterFile, tensors: dict[str, torch.Tensor] | None = None) -> None:
+    """Copy the adapter's tensors in (``tensors``: the attached model's current ``state_dict(keep_vars=True)``)."""
     if adapter.config.train_head and adapter.num_classes != getattr(model, "num_classes", None):
         resize_head(model, adapter.num_classes)
-    tensors = _named_tensors(model)
+        tensors = None  # the head is new
+    tensors = _named_tensors(model) if tensors is None else tensors
     with torch.no_grad():
         for k, v in adapter.tensors.items():
             tensors[k].copy_(v)
@@ -455,16 +462,17 @@ def load_adapter(
     """
     _check_task_name(task)
     adapter = read_adapter(_resolve(source, task, hub_kwargs))
-    plan = _validate(model, adapter, check_backbone)
     was_attached = is_attached(model)
+    tensors = _named_tensors(model)  # one walk, shared by the fingerprint, the backup and the copy
+    plan = _validate(model, adapter, check_backbone, tensors)
     backup = None
     if was_attached:
-        backup = {k: t.detach().clone() for k, t, _ in _adapter_tensors(model, plan)}
+        backup = {k: tensors[k].detach().clone() for k in adapter.tensors}  # exactly what _apply overwrites
         old = (_state(model).task, _state(model).label_names, getattr(model, "num_classes", None))
     try:
         if not was_attached:
             attach(model, adapter.config)
-        _apply(model, adapter)
+        _apply(model, adapter, tensors if was_attached else None)
     except BaseException:
         if not was_attached and is_attached(model):
             detach(model)
