@@ -6,12 +6,14 @@
 Figures (interleaved repetitions, medians):
   1. inference latency, CLR attached vs plain model (eval, no_grad);
   2. the same after the deployment fast path ``clr_timm.fuse``;
-  3. training step time and training memory: CLR vs full fine-tuning vs linear probe (AdamW, same batch);
+  3. training step time and training memory: CLR (also with ``clr_timm.set_memory_efficient``) vs full fine-tuning
+     vs linear probe (AdamW, same batch);
   4. a mixed batch of 8 tasks vs a single-task batch of the same size vs a loop of per-task sub-batches;
   5. loading one adapter from a local file, switching task, attaching to a fresh model (milliseconds).
 
 Training memory on CPU is what training adds on top of the model: tensors saved for backward (counted exactly with
-``torch.autograd.graph.saved_tensors_hooks``), gradients and optimizer state. On CUDA it is the peak allocated memory.
+``torch.autograd.graph.saved_tensors_hooks``; the model's own weights, saved by reference, not counted), gradients
+and optimizer state. On CUDA it is the peak allocated memory.
 Set OMP_WAIT_POLICY=PASSIVE on shared machines (done here by default): spinning OpenMP threads stall for seconds
 whenever another process holds a core.
 """
@@ -105,11 +107,15 @@ def fig_inference(name, batch, size, device, reps, warmup) -> dict:
 
 
 class _SavedBytes:
-    """Counts the bytes autograd saves for backward during a forward pass."""
+    """Counts the bytes autograd saves for backward during a forward pass of ``model``.
 
-    def __init__(self) -> None:
+    The model's own parameters and buffers (saved by reference, e.g. a conv's weight) are not counted: they exist
+    whether or not the model trains, and the CUDA figure (peak minus what was allocated before) leaves them out too.
+    """
+
+    def __init__(self, model: nn.Module) -> None:
         self.total = 0
-        self._seen: set[int] = set()
+        self._seen: set[int] = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
 
     def pack(self, t: torch.Tensor) -> torch.Tensor:
         key = t.untyped_storage().data_ptr()
@@ -125,8 +131,9 @@ class _SavedBytes:
 
 def _train_variant(name: str, variant: str, device: torch.device) -> nn.Module:
     model = build(name, device)
-    if variant == "clr":
+    if variant in ("clr", "clr_memory_efficient"):
         clr_timm.attach(model)
+        clr_timm.set_memory_efficient(model, variant == "clr_memory_efficient")
     elif variant == "linear_probe":
         for p in model.parameters():
             p.requires_grad_(False)
@@ -136,7 +143,7 @@ def _train_variant(name: str, variant: str, device: torch.device) -> nn.Module:
 
 
 def fig_training(name, batch, size, device, reps, warmup) -> dict:
-    variants = ["full_ft", "clr", "linear_probe"]
+    variants = ["full_ft", "clr", "clr_memory_efficient", "linear_probe"]
     models = {v: _train_variant(name, v, device) for v in variants}
     opts = {v: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for v, m in models.items()}
     x = torch.randn(batch, 3, size, size, device=device)
@@ -159,7 +166,7 @@ def fig_training(name, batch, size, device, reps, warmup) -> dict:
             step(v)
             memory[v] = torch.cuda.max_memory_allocated(device) - base
         else:
-            counter = _SavedBytes()
+            counter = _SavedBytes(m)
             with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
                 loss = nn.functional.cross_entropy(m(x), y)
             opt.zero_grad(set_to_none=True)
@@ -176,6 +183,8 @@ def fig_training(name, batch, size, device, reps, warmup) -> dict:
         **{f"{v}_memory_mb": memory[v] / 2**20 for v in variants},
         "clr_time_ratio": t["clr"] / t[full],
         "clr_memory_ratio": memory["clr"] / memory[full],
+        "clr_memory_efficient_time_ratio": t["clr_memory_efficient"] / t[full],
+        "clr_memory_efficient_memory_ratio": memory["clr_memory_efficient"] / memory[full],
         "linear_probe_time_ratio": t["linear_probe"] / t[full],
         "linear_probe_memory_ratio": memory["linear_probe"] / memory[full],
     }
@@ -253,14 +262,16 @@ def markdown(results: dict) -> str:
             )
     lines += [
         "",
-        "| model | batch | full FT ms | CLR ms | probe ms | CLR / full FT time | CLR / full FT memory "
-        "| probe / full FT memory |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+        "| model | batch | full FT ms | CLR ms | CLR mem-eff ms | probe ms | CLR / full FT time | memory "
+        "| CLR mem-eff / full FT time | memory | probe / full FT memory |",
+        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["training"]:
         lines.append(
-            f"| {r['model']} | {r['batch']} | {r['full_ft_ms']:.0f} | {r['clr_ms']:.0f} | {r['linear_probe_ms']:.0f} | "
-            f"{r['clr_time_ratio']:.3f}x | {r['clr_memory_ratio']:.3f}x | {r['linear_probe_memory_ratio']:.3f}x |"
+            f"| {r['model']} | {r['batch']} | {r['full_ft_ms']:.0f} | {r['clr_ms']:.0f} | "
+            f"{r['clr_memory_efficient_ms']:.0f} | {r['linear_probe_ms']:.0f} | {r['clr_time_ratio']:.3f}x | "
+            f"{r['clr_memory_ratio']:.3f}x | {r['clr_memory_efficient_time_ratio']:.3f}x | "
+            f"{r['clr_memory_efficient_memory_ratio']:.3f}x | {r['linear_probe_memory_ratio']:.3f}x |"
         )
     lines += [
         "",

@@ -35,6 +35,7 @@ from .hub import (
     save_pretrained,
 )
 from .layers import CLRConv2d, CLRScale
+from .memory import is_memory_efficient, set_memory_efficient
 from .multitask import EntropyOracle, MultiTaskModel, TaskOracle
 from .version import __version__
 
@@ -58,6 +59,8 @@ __all__ = [
     "fuse",
     "unfuse",
     "is_fused",
+    "set_memory_efficient",
+    "is_memory_efficient",
     "save_adapter",
     "load_adapter",
     "read_adapter",

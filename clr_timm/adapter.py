@@ -464,7 +464,7 @@ def load_adapter(
     adapter = read_adapter(_resolve(source, task, hub_kwargs))
     was_attached = is_attached(model)
     tensors = _named_tensors(model)  # one walk, shared by the fingerprint, the backup and the copy
-    plan = _validate(model, adapter, check_backbone, tensors)
+    _validate(model, adapter, check_backbone, tensors)
     backup = None
     if was_attached:
         backup = {k: tensors[k].detach().clone() for k in adapter.tensors}  # exactly what _apply overwrites

@@ -20,6 +20,7 @@ from torch import nn
 from .config import CLRConfig
 from .errors import CLRError, ConfigError
 from .layers import CLR_LAYERS, CLRConv2d, CLRScale
+from .memory import set_memory_efficient
 
 __all__ = [
     "attach",
@@ -437,6 +438,7 @@ def detach(model: nn.Module) -> nn.Module:
     The adapter's norm and head values are restored to the originals too: save the adapter first to keep it.
     """
     state = _state(model)
+    set_memory_efficient(model, False)
     modules = dict(model.named_modules())
     for name in state.targets:
         conv = modules[name]

@@ -1,0 +1,147 @@
+"""set_memory_efficient: the same gradients, fewer tensors kept for backward, and nothing left behind when off."""
+
+import copy
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import clr_timm
+from clr_timm.layers import CLR_LAYERS
+from tests._models import make_input, make_model
+
+
+def _perturbed(name: str, **config) -> nn.Module:
+    model = clr_timm.attach(make_model(name), clr_timm.CLRConfig(**config) if config else None)
+    g = torch.Generator().manual_seed(3)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, CLR_LAYERS):
+                layer.weight.add_(0.05 * torch.randn(layer.weight.shape, generator=g))
+    return model.train()
+
+
+def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor], int]:
+    """Loss, gradients and the bytes autograd kept for backward (the model's own weights not counted)."""
+    for p in model.parameters():
+        p.grad = None
+    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
+    total = [0]
+    state = getattr(model, "_clr_memory_efficient", None)
+    if state is not None:  # count what the memory-efficient hooks let autograd keep
+        pack = state._pack
+
+        def counting(t):
+            saved = pack(t)
+            if saved is t and t.untyped_storage().data_ptr() not in kept:
+                kept.add(t.untyped_storage().data_ptr())
+                total[0] += t.untyped_storage().nbytes()
+            return saved
+
+        state._pack = counting
+        try:
+            loss = F.cross_entropy(model(x), torch.arange(len(x)) % 5)
+        finally:
+            state._pack = pack
+    else:
+
+        def count(t):
+            if t.untyped_storage().data_ptr() not in kept:
+                kept.add(t.untyped_storage().data_ptr())
+                total[0] += t.untyped_storage().nbytes()
+            return t
+
+        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
+            loss = F.cross_entropy(model(x), torch.arange(len(x)) % 5)
+    loss.backward()
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, total[0]
+
+
+@pytest.mark.parametrize(
+    ("name", "config"),
+    [
+        ("resnet18", {}),  # BatchNorm in train mode: the paper's configuration
+        ("resnet18", {"update_norm_stats": False}),
+        ("tf_efficientnet_lite0", {"update_norm_stats": False}),  # BatchNormAct2d, Conv2dSame, depthwise convs
+        ("convnext_atto", {}),  # LayerNorm after a 7x7 depthwise conv: saved as a permuted view, left alone
+        ("resnet18", {"depthwise": "scale"}),
+    ],
+)
+def test_same_gradients_and_less_kept(name, config):
+    plain = _perturbed(name, **config)
+    efficient = clr_timm.set_memory_efficient(copy.deepcopy(plain))
+    x = make_input(4)
+    loss_a, grads_a, kept_a = _step(plain, x)
+    loss_b, grads_b, kept_b = _step(efficient, x)
+    assert torch.equal(loss_a, loss_b)
+    assert grads_a.keys() == grads_b.keys() and any(".clr." in k for k in grads_a)
+    for k in grads_a:
+        assert torch.equal(grads_a[k], grads_b[k]), k
+    if name.startswith("convnext"):
+        assert kept_b <= kept_a
+    else:
+        assert kept_b < kept_a * 0.95  # the norms' copies of the reprogramming outputs are gone
+    assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), efficient.state_dict().values()))
+
+
+def test_an_output_changed_in_place_after_being_saved_is_kept_as_is():
+    torch.manual_seed(0)
+
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.conv = nn.Conv2d(3, 4, 3, padding=1)
+            self.act = nn.ReLU(inplace=True)  # saves its result: the reprogramming output, changed in place
+            self.bn = nn.BatchNorm2d(4)
+            self.fc = nn.Linear(4, 5)
+
+        def forward(self, x):
+            return self.fc(self.bn(self.act(self.conv(x))).mean((2, 3)))
+
+    plain = _perturbed_custom(Net())
+    efficient = clr_timm.set_memory_efficient(copy.deepcopy(plain))
+    x = make_input(4, size=8)
+    _, grads_a, _ = _step(plain, x)
+    _, grads_b, _ = _step(efficient, x)
+    for k in grads_a:
+        assert torch.equal(grads_a[k], grads_b[k]), k
+
+
+def _perturbed_custom(model: nn.Module) -> nn.Module:
+    clr_timm.attach(model)
+    with torch.no_grad():
+        for layer in model.modules():
+            if isinstance(layer, clr_timm.CLRConv2d):
+                layer.weight.add_(0.1 * torch.randn(layer.weight.shape))
+    return model.train()
+
+
+def test_off_detach_errors_and_copies():
+    model = _perturbed("resnet18")
+    hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    clr_timm.set_memory_efficient(model)
+    clr_timm.set_memory_efficient(model)  # twice: still one set of hooks
+    assert clr_timm.is_memory_efficient(model) and len(model._forward_pre_hooks) == hooks[0] + 1
+    copy.deepcopy(model)(make_input(2))  # a deep copy runs
+    clr_timm.set_memory_efficient(model, False)
+    assert not clr_timm.is_memory_efficient(model)
+    assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
+    assert not any(m._forward_hooks for m in model.modules() if isinstance(m, clr_timm.CLRConv2d))
+    clr_timm.set_memory_efficient(model)
+    clr_timm.detach(model)
+    assert not clr_timm.is_memory_efficient(model)
+    with pytest.raises(clr_timm.CLRError, match="attach"):
+        clr_timm.set_memory_efficient(make_model("resnet18"))
+
+
+def test_a_failed_forward_leaves_no_hooks_installed():
+    model = clr_timm.set_memory_efficient(_perturbed("resnet18"))
+    with pytest.raises(RuntimeError):
+        model(torch.randn(2, 5, 32, 32))  # wrong channel count: fails inside the forward pass
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(1) or t, lambda t: t):
+        torch.randn(3, requires_grad=True).exp().sum().backward()  # our hooks would shadow this pair if left on
+    assert seen
+    _, grads, _ = _step(model, make_input(2))
+    assert grads
