@@ -13,13 +13,26 @@ Methods:
   with each depthwise policy (``clr``, ``scale``, ``skip``).
 - ``full fine-tuning``: a whole copy of the network per task: the accuracy upper bound at 100% of the backbone per task.
 - ``sequential fine-tuning``: one shared backbone trained on each task in turn, a head per task: shows forgetting.
+- The paper's continual-learning baselines on that shared backbone (``benchmarks/cl_methods.py``, each written from
+  its paper): EWC, online EWC, SI, LwF (regularisation), ER, DER++ (replay), SupSup (parameter isolation).
 - ``LoRA (PEFT)``: LoRA on every conv that is not depthwise, through PEFT, when it is installed (``pip install
   peft``; optional, not a dependency of clr_timm). PEFT's LoRA cannot target depthwise convs at a rank smaller than
   their channel count.
 
-Regenerate the README table and ``benchmarks/results/continual_baselines.{md,json}`` (about 40 minutes on 2 cores)::
+``--methods`` takes method keys and the groups ``cl`` (the default: CLR, the continual-learning baselines, the
+linear probe and full fine-tuning), ``ablations`` (CLR's variants, norm + head, LoRA) and ``all``. ``--seeds 0 1 2``
+repeats everything per seed and reports mean and spread.
+
+Regenerate the README's continual-learning table, ``benchmarks/results/continual_baselines.{md,json}`` and the
+task-1 plot ``continual_baselines_task1.png`` (under an hour on 2 cores)::
 
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.continual_baselines
+
+and the ablation table ``continual_ablations.{md,json}`` (500 training images per task as in
+``examples/continual.py``; about 40 minutes)::
+
+    OMP_WAIT_POLICY=PASSIVE python -m benchmarks.continual_baselines --methods ablations --max-train 500 \\
+        --name continual_ablations
 
 Tune on held-out training images instead of the test set (what the learning rates came from)::
 
@@ -35,7 +48,7 @@ import json
 import statistics
 import sys
 import time
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
@@ -46,22 +59,34 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clr_timm
+from benchmarks import cl_methods as cl
 from examples.continual import (
-    DEFAULT_TASKS,
     PreparedTask,
     Recipe,
     average_accuracy,
     build_model,
+    default_tasks,
     evaluate,
     forgetting,
     format_matrix,
     make_optimizer,
     prepare_tasks,
+    random_affine,
     recalibrate_batchnorm,
     train_task,
 )
 
-__all__ = ["METHODS", "Method", "MethodResult", "format_table", "main", "run_method", "split_validation"]
+__all__ = [
+    "GROUPS",
+    "METHODS",
+    "Method",
+    "MethodResult",
+    "backward_transfer",
+    "format_table",
+    "main",
+    "run_method",
+    "split_validation",
+]
 
 
 @dataclass(frozen=True)
@@ -72,13 +97,15 @@ class Method:
         key: Short name used on the command line (``--methods``, ``--lr key=value``).
         label: Name in the table.
         kind: ``"clr"`` (any :class:`~clr_timm.CLRConfig` on a :class:`~clr_timm.MultiTaskModel`: CLR, norm + head,
-            linear probe), ``"full"``, ``"sequential"`` or ``"lora"``.
+            linear probe), ``"full"``, ``"cl"`` (a :mod:`benchmarks.cl_methods` strategy on one shared backbone) or
+            ``"lora"``.
         lr: Peak learning rate (everything but CLR kernels).
         clr_lr: Peak learning rate of CLR kernels.
         config: The CLR config of a ``"clr"`` method.
         train_mode: Train in train mode (False: eval mode, frozen BatchNorm statistics).
         recalibrate_bn: Re-estimate BatchNorm statistics on the task's training images after training.
         lora_rank: LoRA rank (``"lora"``).
+        strategy: Builds a ``"cl"`` method's strategy from the recipe and the seed.
     """
 
     key: str
@@ -90,9 +117,24 @@ class Method:
     train_mode: bool = True
     recalibrate_bn: bool = False
     lora_rank: int = 8
+    strategy: Callable[[Recipe, int], cl.Strategy] | None = field(default=None, compare=False, repr=False)
+
+
+def _with(cls: Callable[..., cl.Strategy], *args, replay: bool = False, **kw) -> Callable[[Recipe, int], cl.Strategy]:
+    """A strategy factory: ``cls(*args, **kw)`` plus the recipe's label smoothing (and batch, augmentation, seed)."""
+
+    def build(recipe: Recipe, seed: int) -> cl.Strategy:
+        extra = {"label_smoothing": recipe.label_smoothing}
+        if replay:
+            extra.update(batch_size=recipe.batch_size, augment=random_affine if recipe.augment else None, seed=seed)
+        return cls(*args, **kw, **extra)
+
+    return build
 
 
 _FROZEN_STATS = {"update_norm_stats": False}
+_SHARED_LR = 3e-3  # full fine-tuning's tuned rate: every method that trains the shared backbone uses it
+_EWC_LAMBDA, _SI_C, _REPLAY_PER_TASK, _SUPSUP_DENSITY = 100.0, 1.0, 50, 0.5
 METHODS: dict[str, Method] = {
     m.key: m
     for m in (
@@ -110,32 +152,77 @@ METHODS: dict[str, Method] = {
         Method(
             "clr_skip", "CLR, depthwise=skip", "clr", 5e-3, config=clr_timm.CLRConfig(depthwise="skip", **_FROZEN_STATS)
         ),
-        Method("full", "full fine-tuning per task", "full", 3e-3),
-        Method("sequential", "sequential fine-tuning, shared backbone", "sequential", 3e-3),
+        Method("full", "full fine-tuning per task", "full", _SHARED_LR),
+        Method("sequential", "sequential fine-tuning, shared backbone", "cl", _SHARED_LR, strategy=_with(cl.Strategy)),
+        Method("ewc", f"EWC (lambda {_EWC_LAMBDA:g})", "cl", _SHARED_LR, strategy=_with(cl.EWC, _EWC_LAMBDA)),
+        Method(
+            "oewc",
+            f"online EWC (lambda {_EWC_LAMBDA:g}, gamma 1)",
+            "cl",
+            _SHARED_LR,
+            strategy=_with(cl.EWC, _EWC_LAMBDA, online=True),
+        ),
+        Method("si", f"SI (c {_SI_C:g})", "cl", _SHARED_LR, strategy=_with(cl.SI, _SI_C)),
+        Method("lwf", "LwF (lambda 1, T 2)", "cl", _SHARED_LR, strategy=_with(cl.LwF)),
+        Method(
+            "er",
+            f"ER ({_REPLAY_PER_TASK} images / task)",
+            "cl",
+            _SHARED_LR,
+            strategy=_with(cl.ER, _REPLAY_PER_TASK, replay=True),
+        ),
+        Method(
+            "derpp",
+            f"DER++ ({_REPLAY_PER_TASK} images / task)",
+            "cl",
+            _SHARED_LR,
+            strategy=_with(cl.DERpp, _REPLAY_PER_TASK, replay=True),
+        ),
+        Method(
+            "supsup",
+            f"SupSup (task id given, density {_SUPSUP_DENSITY:g})",
+            "cl",
+            _SHARED_LR,
+            strategy=_with(cl.SupSup, _SUPSUP_DENSITY),
+        ),
         Method("lora", "LoRA r=8 on non-depthwise convs (PEFT)", "lora", 3e-3, train_mode=False),
     )
 }
-"""The compared methods with their tuned learning rates (README: recipe notes)."""
+"""The compared methods with their learning rates and method settings (README: recipe notes)."""
+
+GROUPS: dict[str, list[str]] = {
+    "cl": ["clr", "probe", "full", "sequential", "ewc", "oewc", "si", "lwf", "er", "derpp", "supsup"],
+    "ablations": ["probe", "norm_head", "clr", "clr_paper_bn", "clr_scale", "clr_skip", "full", "sequential", "lora"],
+    "all": list(METHODS),
+}
+"""Named sets of methods for ``--methods``; ``cl`` is the default."""
 
 
 @dataclass
 class MethodResult:
-    """What one method did on the task sequence."""
+    """What one method did on the task sequence with one seed."""
 
     key: str
     label: str
     lr: float
     clr_lr: float | None
+    seed: int
     matrix: list[list[float | None]]
     average_accuracy: float
     forgetting: float
     forgetting_per_task: list[float]
+    backward_transfer: float
     per_task_trained: int
     per_task_stored: int
+    per_task_stored_bytes: int
+    extra_state_bytes: int
+    replay_bytes: int
     head_params: int
     backbone: int
     seconds_per_epoch: float
+    seconds_per_task: float
     epoch_seconds: list[float] = field(default_factory=list)
+    task_seconds: list[float] = field(default_factory=list)
     note: str = ""
 
     @property
@@ -145,6 +232,16 @@ class MethodResult:
     @property
     def percent_stored(self) -> float:
         return 100.0 * self.per_task_stored / self.backbone
+
+
+def backward_transfer(matrix: Sequence[Sequence[float | None]]) -> float:
+    """BWT (Lopez-Paz & Ranzato, 2017): mean over all but the last task of final accuracy minus accuracy just learnt.
+
+    Negative: forgetting; positive: later tasks helped earlier ones. 0.0 for a single task.
+    """
+    last = len(matrix) - 1
+    diffs = [matrix[last][j] - matrix[j][j] for j in range(last)]
+    return sum(diffs) / len(diffs) if diffs else 0.0
 
 
 def split_validation(tasks: Sequence[PreparedTask], fraction: float, seed: int) -> list[PreparedTask]:
@@ -165,19 +262,6 @@ def split_validation(tasks: Sequence[PreparedTask], fraction: float, seed: int) 
     return out
 
 
-def _set_head(model: nn.Module, head: nn.Module, num_classes: int) -> None:
-    """Swap the classifier module of a timm model (found through timm's pretrained_cfg)."""
-    path = model.pretrained_cfg.get("classifier", "classifier")
-    parent, _, child = path.rpartition(".")
-    setattr(model.get_submodule(parent) if parent else model, child, head)
-    model.num_classes = num_classes
-
-
-def _fresh_head(model: nn.Module, num_classes: int) -> nn.Module:
-    model.reset_classifier(num_classes)
-    return model.get_classifier()
-
-
 def run_method(
     method: Method,
     base: nn.Module,
@@ -194,7 +278,7 @@ def run_method(
         base: The pretrained model (left unchanged).
         tasks: The task sequence.
         recipe: The shared training budget; the method's own learning rates replace ``recipe.lr`` / ``clr_lr``.
-        seed: Seed of heads, batch order and augmentation (the same for every method).
+        seed: Seed of heads, batch order, augmentation and replay draws (the same for every method).
         progress: Show tqdm bars.
     """
     recipe = replace(recipe, lr=method.lr, clr_lr=method.clr_lr)
@@ -202,16 +286,19 @@ def run_method(
     backbone = clr_timm.count_parameters(base).backbone
     matrix: list[list[float | None]] = []
     epoch_seconds: list[float] = []
-    heads: dict[str, nn.Module] = {}
+    task_seconds: list[float] = []
     models: list[nn.Module] = []
-    per_task_trained = per_task_stored = 0
-    head_params = 0
-    note = ""
+    cost: dict = {}
 
-    model = copy.deepcopy(base)
     mt: clr_timm.MultiTaskModel | None = None
+    net: cl.MultiHeadNet | None = None
+    strategy: cl.Strategy | None = None
     if method.kind == "clr":
-        mt = clr_timm.MultiTaskModel(model, method.config)
+        mt = clr_timm.MultiTaskModel(copy.deepcopy(base), method.config)
+    elif method.kind == "cl":
+        net = cl.MultiHeadNet(base)
+        strategy = method.strategy(recipe, seed)
+        strategy.setup(net)
     for i, task in enumerate(tasks):
         torch.manual_seed(seed + i)
         desc = f"{method.key} [{i + 1}/{len(tasks)}] {task.name}"
@@ -223,14 +310,16 @@ def run_method(
             trainee = copy.deepcopy(base)
             trainee.reset_classifier(task.num_classes)
             models.append(trainee)
-        elif method.kind == "sequential":
-            heads[task.name] = _fresh_head(model, task.num_classes)
-            trainee = model
+        elif net is not None:
+            net.add_head(task.name, task.num_classes)
+            strategy.before_task(task.name, i, task.x_train, task.y_train)
+            trainee = net
         elif method.kind == "lora":
             trainee = _lora_model(base, task.num_classes, method.lora_rank)
             models.append(trainee)
         else:
             raise ValueError(f"unknown method kind {method.kind!r}")
+        started = time.perf_counter()
         optimizer = make_optimizer(trainee, recipe)
         epoch_seconds += train_task(
             trainee,
@@ -238,64 +327,85 @@ def run_method(
             recipe,
             optimizer=optimizer,
             seed=seed + i,
-            train_mode=method.train_mode,
+            train_mode=method.train_mode if strategy is None else strategy.train_mode,
             desc=desc,
             progress=progress,
+            loss_fn=strategy.loss if strategy else None,
+            around_step=strategy.around_step if strategy else None,
         )
+        if strategy is not None:
+            strategy.after_task(task.name, i, task.x_train, task.y_train)
         if method.recalibrate_bn:
             recalibrate_batchnorm(trainee, task.x_train)
+        task_seconds.append(time.perf_counter() - started)
         if i == 0:
-            per_task_trained, per_task_stored, head_params, note = _cost(method, trainee, backbone)
+            cost = _cost(method, trainee, backbone, strategy)
         row: list[float | None] = [None] * len(tasks)
         for j in range(i + 1):
             if mt is not None:
                 mt.set_task(names[j])
                 row[j] = evaluate(mt, tasks[j].x_test, tasks[j].y_test)
-            elif method.kind == "sequential":
-                _set_head(model, heads[names[j]], tasks[j].num_classes)
-                model.eval()
-                row[j] = evaluate(model, tasks[j].x_test, tasks[j].y_test)
-                _set_head(model, heads[names[i]], task.num_classes)
+            elif net is not None:
+                strategy.set_eval_task(names[j])
+                net.eval()
+                row[j] = evaluate(net, tasks[j].x_test, tasks[j].y_test)
             else:
                 models[j].eval()
                 row[j] = evaluate(models[j], tasks[j].x_test, tasks[j].y_test)
+        if strategy is not None:
+            strategy.set_eval_task(task.name)
         matrix.append(row)
+    if strategy is not None:  # what the method keeps after the whole sequence
+        cost.update(extra_state_bytes=strategy.extra_state_bytes(), replay_bytes=strategy.replay_bytes())
     per_task, mean_forgetting = forgetting(matrix)
     return MethodResult(
         key=method.key,
         label=method.label,
         lr=method.lr,
         clr_lr=method.clr_lr,
+        seed=seed,
         matrix=matrix,
         average_accuracy=average_accuracy(matrix),
         forgetting=mean_forgetting,
         forgetting_per_task=per_task,
-        per_task_trained=per_task_trained,
-        per_task_stored=per_task_stored,
-        head_params=head_params,
+        backward_transfer=backward_transfer(matrix),
         backbone=backbone,
         seconds_per_epoch=statistics.median(epoch_seconds),
+        seconds_per_task=statistics.mean(task_seconds),
         epoch_seconds=epoch_seconds,
-        note=note,
+        task_seconds=task_seconds,
+        **cost,
     )
 
 
-def _cost(method: Method, trainee: nn.Module, backbone: int) -> tuple[int, int, int, str]:
-    """(trained per task, stored per task, head, note), heads excluded from the first two."""
+def _cost(method: Method, trainee: nn.Module, backbone: int, strategy: cl.Strategy | None) -> dict:
+    """Per-task cost after the first task: trained and stored parameters (heads apart), bytes, note."""
+    cost = {"extra_state_bytes": 0, "replay_bytes": 0, "note": ""}
     if method.kind == "clr":
         c = clr_timm.count_parameters(trainee.model)
         trained = c.clr + c.norm_affine
-        stored = c.per_task
         note = "" if method.config.update_norm_stats or not c.norm_stats else "stored incl. unchanged BN statistics"
-        return trained, stored, c.head, note
+        return {**cost, "per_task_trained": trained, "per_task_stored": c.per_task, "head_params": c.head,
+                "per_task_stored_bytes": 4 * c.per_task, "note": note}  # fmt: skip
     if method.kind == "lora":
         trained = [(n, p.numel()) for n, p in trainee.named_parameters() if p.requires_grad]
         lora = sum(k for n, k in trained if "lora_" in n)
-        return lora, lora, sum(k for n, k in trained if "lora_" not in n), "BatchNorm frozen (eval mode)"
-    head = sum(p.numel() for p in trainee.get_classifier().parameters())
+        head = sum(k for n, k in trained if "lora_" not in n)
+        return {**cost, "per_task_trained": lora, "per_task_stored": lora, "head_params": head,
+                "per_task_stored_bytes": 4 * lora, "note": "BatchNorm frozen (eval mode)"}  # fmt: skip
     if method.kind == "full":
-        return backbone, backbone, head, "a whole network per task"
-    return 0, 0, head, "one backbone, overwritten by each task"
+        head = sum(p.numel() for p in trainee.get_classifier().parameters())
+        return {**cost, "per_task_trained": backbone, "per_task_stored": backbone, "head_params": head,
+                "per_task_stored_bytes": 4 * backbone, "note": "a whole network per task"}  # fmt: skip
+    head = sum(p.numel() for p in trainee.heads[trainee.task].parameters())
+    if isinstance(strategy, cl.SupSup):
+        bits = strategy.mask_bits()
+        return {**cost, "per_task_trained": bits, "per_task_stored": 0, "head_params": head,
+                "per_task_stored_bytes": strategy.per_task_stored_bytes(),
+                "note": f"a {bits:,}-bit mask per task over the frozen weights"
+                + ("" if strategy.train_mode else "; BatchNorm frozen")}  # fmt: skip
+    return {**cost, "per_task_trained": backbone, "per_task_stored": 0, "head_params": head,
+            "per_task_stored_bytes": 0, "note": "one backbone, trained by every task in turn"}  # fmt: skip
 
 
 def _lora_model(base: nn.Module, num_classes: int, rank: int) -> nn.Module:
@@ -327,21 +437,80 @@ def _fmt_params(n: int, pct: float) -> str:
     return f"{n:,} ({pct:.2f}%)"
 
 
-def format_table(results: Sequence[MethodResult]) -> str:
-    """The comparison as a markdown table."""
-    lines = [
-        "| method | lr | avg acc (%) | forgetting (pts) | per-task params trained (% of backbone) | "
-        "stored per task | head | s / epoch |",
-        "|---|---|---:|---:|---:|---:|---:|---:|",
-    ]
+def _fmt_bytes(n: float) -> str:
+    if n == 0:
+        return "0"
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def _spread(values: Sequence[float], scale: float = 100.0, digits: int = 1) -> str:
+    """``mean`` for one value, ``mean ± sample std`` for several."""
+    mean = statistics.mean(values) * scale
+    if len(values) == 1:
+        return f"{mean:.{digits}f}"
+    return f"{mean:.{digits}f} ± {statistics.stdev(values) * scale:.{digits}f}"
+
+
+def group_by_method(results: Sequence[MethodResult]) -> dict[str, list[MethodResult]]:
+    """Results per method key (one per seed), in first-seen order."""
+    groups: dict[str, list[MethodResult]] = {}
     for r in results:
+        groups.setdefault(r.key, []).append(r)
+    return groups
+
+
+def format_table(results: Sequence[MethodResult]) -> str:
+    """The comparison as a markdown table; several seeds of a method are one row, mean ± sample std."""
+    lines = [
+        "| method | lr | seeds | avg acc (%) | forgetting (pts) | BWT (pts) | params trained per task (% of backbone) "
+        "| stored per task | other state kept | replay memory | head | s / task |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+    ]
+    for runs in group_by_method(results).values():
+        r = runs[0]
         lr = f"{r.lr:g}" + (f" / kernels {r.clr_lr:g}" if r.clr_lr else "")
         lines.append(
-            f"| {r.label} | {lr} | {100 * r.average_accuracy:.1f} | {100 * r.forgetting:.1f} | "
-            f"{_fmt_params(r.per_task_trained, r.percent_trained)} | "
-            f"{_fmt_params(r.per_task_stored, r.percent_stored)} | {r.head_params:,} | {r.seconds_per_epoch:.1f} |"
+            f"| {r.label} | {lr} | {len(runs)} | {_spread([x.average_accuracy for x in runs])} | "
+            f"{_spread([x.forgetting for x in runs])} | {_spread([x.backward_transfer for x in runs])} | "
+            f"{_fmt_params(r.per_task_trained, r.percent_trained)} | {_fmt_bytes(r.per_task_stored_bytes)} | "
+            f"{_fmt_bytes(r.extra_state_bytes)} | {_fmt_bytes(r.replay_bytes)} | {r.head_params:,} | "
+            f"{_spread([x.seconds_per_task for x in runs], scale=1.0, digits=0)} |"
         )
     return "\n".join(lines)
+
+
+def plot_first_task(results: Sequence[MethodResult], task_names: Sequence[str], path: Path) -> Path:
+    """Accuracy on the first task after learning each task, one line per method (mean over seeds, band: min-max)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5))
+    steps = list(range(1, len(task_names) + 1))
+    for runs in group_by_method(results).values():
+        curves = [[row[0] for row in r.matrix] for r in runs]
+        mean = [statistics.mean(c[i] for c in curves) * 100 for i in range(len(steps))]
+        style = "-" if runs[0].forgetting_per_task and max(r.forgetting for r in runs) > 0.005 else "--"
+        (line,) = ax.plot(steps, mean, style, marker="o", label=runs[0].label)
+        if len(curves) > 1:
+            low = [min(c[i] for c in curves) * 100 for i in range(len(steps))]
+            high = [max(c[i] for c in curves) * 100 for i in range(len(steps))]
+            ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
+    ax.set_xticks(steps, [f"{i}. {n}" for i, n in zip(steps, task_names, strict=True)], rotation=20)
+    ax.set_xlabel("after learning task")
+    ax.set_ylabel(f"accuracy on task 1, {task_names[0]} (%)")
+    seeds = len(next(iter(group_by_method(results).values())))
+    ax.set_title(f"Task 1 accuracy as later tasks are learnt ({seeds} seed{'s' if seeds > 1 else ''})")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="lower left")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def _parse_lrs(items: Sequence[str]) -> dict[str, float]:
@@ -354,18 +523,35 @@ def _parse_lrs(items: Sequence[str]) -> dict[str, float]:
     return lrs
 
 
+def _expand_methods(items: Sequence[str]) -> list[str]:
+    keys: list[str] = []
+    for item in items:
+        for key in GROUPS.get(item, [item]):
+            if key not in METHODS:
+                raise SystemExit(f"unknown method {key!r}: choose from {sorted(METHODS)} or a group {sorted(GROUPS)}")
+            if key not in keys:
+                keys.append(key)
+    return keys
+
+
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter)
-    p.add_argument("--tasks", nargs="+", default=list(DEFAULT_TASKS))
-    p.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
+    p.add_argument("--tasks", nargs="+", default=None, help="default: the example's sequence, where installed")
+    p.add_argument(
+        "--methods",
+        nargs="+",
+        default=["cl"],
+        metavar="METHOD",
+        help=f"method keys {sorted(METHODS)} or groups {sorted(GROUPS)} (default: cl)",
+    )
     p.add_argument("--epochs", type=int, default=Recipe.epochs)
     p.add_argument("--image-size", type=int, default=64)
-    p.add_argument("--max-train", type=int, default=500)
+    p.add_argument("--max-train", type=int, default=300, help="training images per task (%(default)s)")
     p.add_argument("--max-test", type=int, default=250)
     p.add_argument("--batch-size", type=int, default=Recipe.batch_size)
     p.add_argument("--label-smoothing", type=float, default=Recipe.label_smoothing)
     p.add_argument("--no-augment", action="store_true")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seeds", type=int, nargs="+", default=[0], help="one run of every method per seed")
     p.add_argument("--lr", nargs="*", default=[], metavar="METHOD=LR", help="override a method's learning rate")
     p.add_argument("--clr-lr", type=float, default=None, help="override the CLR kernels' learning rate")
     p.add_argument(
@@ -377,14 +563,78 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--model", default="tf_efficientnet_lite0")
     p.add_argument("--pretrained", action="store_true", help="timm hub weights (needs internet)")
     p.add_argument("--threads", type=int, default=0)
-    p.add_argument("--out", default="benchmarks/results", help="folder for continual_baselines.{md,json}")
+    p.add_argument("--out", default="benchmarks/results", help="folder for <name>.{md,json} and the task-1 plot")
     p.add_argument("--name", default="continual_baselines", help="output file stem")
     p.add_argument("--no-progress", action="store_true")
-    return p.parse_args(list(argv) if argv is not None else None)
+    args = p.parse_args(list(argv) if argv is not None else None)
+    args.methods = _expand_methods(args.methods)
+    if args.tasks is None:
+        args.tasks = default_tasks()
+    return args
+
+
+def _write(
+    args: argparse.Namespace,
+    argv: Iterable[str] | None,
+    recipe: Recipe,
+    tasks: Sequence[PreparedTask],
+    results: list[MethodResult],
+    skipped: dict[str, str],
+    seconds: float,
+    *,
+    final: bool,
+) -> str:
+    """Write ``<name>.md``, ``<name>.json`` and the task-1 plot with the results so far (after every method, so an
+    interrupted run keeps what it measured); returns the table."""
+    table = format_table(results)
+    split = f"validation ({args.validation:.0%} of the training images)" if args.validation else "test"
+    seeds = ", ".join(map(str, args.seeds))
+    command = " ".join(["python -m benchmarks.continual_baselines", *argv_to_list(argv)])
+    header = (
+        f"# Continual learning: CLR against baselines\n\n"
+        f"Generated by `{command}` in {seconds / 60:.0f} min on {torch.get_num_threads()} CPU threads "
+        f"(torch {torch.__version__})"
+        + ("" if final else f"; **unfinished: {len(results)} of {len(args.methods) * len(args.seeds)} runs so far**")
+        + ".\n\n"
+        f"{args.model}, offline ImageNet weights, {args.image_size} px; tasks in order: "
+        + ", ".join(f"{t.name} ({len(t.x_train)} train / {len(t.x_test)} {split})" for t in tasks)
+        + f". Task-incremental: a head per task, the task id given at test time. Same budget for every method: "
+        f"{recipe.epochs} epochs, batch {recipe.batch_size}, AdamW (no weight decay) with cosine schedule and "
+        f"{recipe.warmup_epochs:g}-epoch warm-up, label smoothing {recipe.label_smoothing:g}, "
+        f"{'random-affine augmentation' if recipe.augment else 'no augmentation'}, "
+        f"seed{'s' if len(args.seeds) > 1 else ''} {seeds}"
+        + (" (mean ± sample standard deviation over the seeds)" if len(args.seeds) > 1 else "")
+        + "; learning rates per method as shown. *avg acc*: mean accuracy over all tasks after the last one; "
+        "*forgetting*: best earlier accuracy minus final, averaged over all but the last task; *BWT*: final minus "
+        "just-learnt accuracy, averaged likewise. Parameters and bytes exclude the heads (listed apart); *stored per "
+        "task*: what each task adds for inference (float32; SupSup: bits); *other state kept*: what the method "
+        "holds beyond the network between tasks (Fisher, anchors, the previous model); *replay memory*: stored "
+        f"examples ({args.image_size} px float32 images, labels, logits); *s / task*: training time of one task "
+        "(and the method's own work after it, e.g. the Fisher), mean over tasks.\n\n"
+    )
+    if skipped:
+        header += "".join(f"Skipped {METHODS[k].label}: {why}.\n\n" for k, why in skipped.items())
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / f"{args.name}.md").write_text(header + table + "\n")
+    figure = plot_first_task(results, [t.name for t in tasks], out / f"{args.name}_task1.png") if results else None
+    payload = {
+        "settings": {**vars(args), "recipe": asdict(recipe), "evaluated_on": split},
+        "tasks": [{"name": t.name, "train": len(t.x_train), "eval": len(t.x_test)} for t in tasks],
+        "results": [
+            {**asdict(r), "percent_trained": r.percent_trained, "percent_stored": r.percent_stored} for r in results
+        ],
+        "skipped": skipped,
+        "figure": str(figure) if figure else None,
+        "wall_seconds": seconds,
+        "finished": final,
+    }
+    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    return table
 
 
 def main(argv: Iterable[str] | None = None) -> list[MethodResult]:
-    """Run the comparison and write ``<out>/<name>.md`` and ``<out>/<name>.json``."""
+    """Run the comparison and write ``<out>/<name>.md``, ``<out>/<name>.json`` and ``<out>/<name>_task1.png``."""
     args = parse_args(argv)
     started = time.perf_counter()
     if args.threads:
@@ -398,60 +648,36 @@ def main(argv: Iterable[str] | None = None) -> list[MethodResult]:
     lrs = _parse_lrs(args.lr)
     base, mean, std = build_model(args.model, 10, pretrained=args.pretrained)
     base.eval()
-    tasks = prepare_tasks(
-        args.tasks, args.image_size, mean, std, max_train=args.max_train, max_test=args.max_test, seed=args.seed
-    )
-    if args.validation:
-        tasks = split_validation(tasks, args.validation, args.seed)
     skipped: dict[str, str] = {}
     results: list[MethodResult] = []
-    for key in args.methods:
-        method = METHODS[key]
-        if key in lrs:
-            method = replace(method, lr=lrs[key])
-        if args.clr_lr is not None and method.clr_lr is not None:
-            method = replace(method, clr_lr=args.clr_lr)
-        if method.kind == "lora" and (why := _peft_status()):
-            skipped[key] = why
-            print(f"skipping {method.label}: {why}")
-            continue
-        result = run_method(method, base, tasks, recipe, seed=args.seed, progress=not args.no_progress)
-        results.append(result)
-        print(
-            f"{method.label}: average {100 * result.average_accuracy:.1f}%, forgetting "
-            f"{100 * result.forgetting:.1f} points\n{format_matrix([t.name for t in tasks], result.matrix)}"
+    tasks: list[PreparedTask] = []
+    for seed in args.seeds:
+        tasks = prepare_tasks(
+            args.tasks, args.image_size, mean, std, max_train=args.max_train, max_test=args.max_test, seed=seed
         )
-    table = format_table(results)
-    seconds = time.perf_counter() - started
-    split = f"validation ({args.validation:.0%} of the training images)" if args.validation else "test"
-    header = (
-        f"# Continual learning: CLR against baselines\n\n"
-        f"Generated by `python -m benchmarks.continual_baselines {' '.join(argv_to_list(argv))}`".rstrip()
-        + f" in {seconds / 60:.0f} min on {torch.get_num_threads()} CPU threads (torch {torch.__version__}).\n\n"
-        f"{args.model}, offline ImageNet weights, {args.image_size} px; tasks in order: "
-        + ", ".join(f"{t.name} ({len(t.x_train)} train / {len(t.x_test)} {split})" for t in tasks)
-        + f". Same budget for every method: {recipe.epochs} epochs, batch {recipe.batch_size}, AdamW (no weight "
-        f"decay) with cosine schedule and {recipe.warmup_epochs:g}-epoch warm-up, label smoothing "
-        f"{recipe.label_smoothing:g}, {'random-affine augmentation' if recipe.augment else 'no augmentation'}, "
-        f"seed {args.seed}; learning rates per method as shown. *avg acc*: mean accuracy over all tasks after the "
-        "last one; *forgetting*: best earlier accuracy minus final, averaged over all but the last task. "
-        "Per-task parameters exclude the head (listed apart).\n\n"
-    )
-    if skipped:
-        header += "".join(f"Skipped {METHODS[k].label}: {why}.\n\n" for k, why in skipped.items())
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / f"{args.name}.md").write_text(header + table + "\n")
-    payload = {
-        "settings": {**vars(args), "recipe": asdict(recipe), "evaluated_on": split},
-        "tasks": [{"name": t.name, "train": len(t.x_train), "eval": len(t.x_test)} for t in tasks],
-        "results": [
-            {**asdict(r), "percent_trained": r.percent_trained, "percent_stored": r.percent_stored} for r in results
-        ],
-        "skipped": skipped,
-        "wall_seconds": seconds,
-    }
-    (out / f"{args.name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+        if args.validation:
+            tasks = split_validation(tasks, args.validation, seed)
+        for key in args.methods:
+            method = METHODS[key]
+            if key in lrs:
+                method = replace(method, lr=lrs[key])
+            if args.clr_lr is not None and method.clr_lr is not None:
+                method = replace(method, clr_lr=args.clr_lr)
+            if method.kind == "lora" and (why := _peft_status()):
+                if key not in skipped:
+                    print(f"skipping {method.label}: {why}")
+                skipped[key] = why
+                continue
+            result = run_method(method, base, tasks, recipe, seed=seed, progress=not args.no_progress)
+            results.append(result)
+            _write(args, argv, recipe, tasks, results, skipped, time.perf_counter() - started, final=False)
+            print(
+                f"{method.label}, seed {seed}: average {100 * result.average_accuracy:.1f}%, forgetting "
+                f"{100 * result.forgetting:.1f} points, {result.seconds_per_task:.0f} s per task\n"
+                f"{format_matrix([t.name for t in tasks], result.matrix)}",
+                flush=True,
+            )
+    table = _write(args, argv, recipe, tasks, results, skipped, time.perf_counter() - started, final=True)
     print("\n" + table)
     return results
 

@@ -70,6 +70,9 @@ __all__ = [
 DEFAULT_TASKS = ("animal_mnist", "mnist", "fashion_mnist", "elpv", "uci_digits")
 """The default task sequence: silhouettes, digits, clothes, solar-cell defects, 8x8 digits (all real data)."""
 QUICK_TASKS = ("uci_digits", "lfw_faces")
+"""Two tiny tasks for ``--quick`` (the test)."""
+CLR_KERNEL_SUFFIX = ".clr.weight"
+"""State-dict suffix of the reprogramming kernels: they get their own learning rate."""
 
 
 def default_tasks() -> list[str]:
@@ -79,11 +82,6 @@ def default_tasks() -> list[str]:
     if missing:
         print(f"note: skipping {', '.join(missing)} (data not installed; see examples/offline_assets.py)")
     return [t for t in DEFAULT_TASKS if t in installed]
-
-
-"""Two tiny tasks for ``--quick`` (the test)."""
-CLR_KERNEL_SUFFIX = ".clr.weight"
-"""State-dict suffix of the reprogramming kernels: they get their own learning rate."""
 
 
 @dataclass(frozen=True)
@@ -239,6 +237,8 @@ def train_task(
     train_mode: bool = True,
     desc: str | None = None,
     progress: bool = True,
+    loss_fn: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None = None,
+    around_step: Callable[[Callable[[], None]], None] | None = None,
 ) -> list[float]:
     """Train ``model``'s trainable parameters on one task with the recipe; returns the seconds of each epoch.
 
@@ -251,6 +251,10 @@ def train_task(
         train_mode: Put the model in train mode (False: eval mode, e.g. a linear probe's frozen BatchNorm).
         desc: Progress bar label.
         progress: Show a tqdm progress bar.
+        loss_fn: ``loss_fn(x_augmented, y, x)`` returns the loss of one batch (default: label-smoothed cross-entropy
+            of ``model(x_augmented)``); continual-learning baselines add their regularisers or replay here.
+        around_step: ``around_step(step)`` must call ``step()`` (the optimizer step) once; it sees the gradients
+            before and the parameters after (Synaptic Intelligence's path integral).
     """
     from tqdm.auto import tqdm
 
@@ -267,12 +271,17 @@ def train_task(
                 task.x_train, task.y_train, recipe.batch_size, shuffle=True, seed=seed * 1000 + epoch
             )
             for xb, yb in batches:
-                if recipe.augment:
-                    xb = random_affine(xb, generator)
-                loss = F.cross_entropy(model(xb), yb, label_smoothing=recipe.label_smoothing)
+                xa = random_affine(xb, generator) if recipe.augment else xb
+                if loss_fn is None:
+                    loss = F.cross_entropy(model(xa), yb, label_smoothing=recipe.label_smoothing)
+                else:
+                    loss = loss_fn(xa, yb, xb)
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                optimizer.step()
+                if around_step is None:
+                    optimizer.step()
+                else:
+                    around_step(optimizer.step)
                 scheduler.step()
                 bar.update()
                 bar.set_postfix(epoch=f"{epoch + 1}/{recipe.epochs}", loss=f"{loss.item():.3f}", refresh=False)
@@ -439,6 +448,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     matrix: list[list[float | None]] = []
     epoch_seconds: dict[str, list[float]] = {}
     for i, task in enumerate(tasks):
+        torch.manual_seed(args.seed + i)  # the head's initialisation: as in benchmarks/continual_baselines.py
         mt.add_task(task.name, task.num_classes, label_names=task.classes)
         mt.set_task(task.name)
         epoch_seconds[task.name] = train_task(
@@ -638,10 +648,10 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     if args.recalibrate_bn and not args.update_norm_stats:
         p.error("--recalibrate-bn needs --update-norm-stats (frozen statistics are never re-estimated)")
     quick = {"tasks": list(QUICK_TASKS), "epochs": 1, "image_size": 32, "max_train": 64, "max_test": 32}
-    full = {"tasks": default_tasks(), "epochs": Recipe.epochs, "image_size": 64, "max_train": 500, "max_test": 250}
+    full = {"tasks": default_tasks, "epochs": Recipe.epochs, "image_size": 64, "max_train": 500, "max_test": 250}
     for key, value in (quick if args.quick else full).items():
         if getattr(args, key) is None:
-            setattr(args, key, value)
+            setattr(args, key, value() if callable(value) else value)
     if args.batch_size is None:
         args.batch_size = 16 if args.quick else Recipe.batch_size
     return args

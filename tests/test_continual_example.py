@@ -106,4 +106,4 @@ def test_quick_flag_only_fills_what_was_not_given():
     args = continual.parse_args(["--quick", "--epochs", "3"])
     assert args.epochs == 3 and args.image_size == 32 and args.tasks == list(continual.QUICK_TASKS)
     defaults = continual.parse_args([])
-    assert defaults.tasks == list(continual.DEFAULT_TASKS) and defaults.epochs == continual.Recipe.epochs
+    assert defaults.tasks == continual.default_tasks() and defaults.epochs == continual.Recipe.epochs
