@@ -80,14 +80,16 @@ class Strategy:
 
     Args:
         label_smoothing: Of the task's cross-entropy (the recipe's).
+        train_mode: Train in train mode, BatchNorm running statistics updating (shared by all tasks, so each task
+            overwrites them, and no weight penalty protects them); False: eval mode, the pretrained statistics
+            kept, as CLR's recipe keeps them.
     """
 
     name = "sequential"
-    train_mode = True
-    """Whether the network trains in train mode (BatchNorm statistics updating); False: eval mode."""
 
-    def __init__(self, *, label_smoothing: float = 0.0) -> None:
+    def __init__(self, *, label_smoothing: float = 0.0, train_mode: bool = True) -> None:
         self.label_smoothing = label_smoothing
+        self.train_mode = train_mode
         self.net: MultiHeadNet | None = None
         self.task_index = 0
 
@@ -117,7 +119,8 @@ class Strategy:
         self.net.task = task
 
     def extra_state_bytes(self) -> int:
-        """Bytes the method keeps between tasks beyond the network and its heads (Fisher, anchors, old model...)."""
+        """Bytes the method holds while it trains, beyond the network, its heads and the optimizer (Fisher and
+        anchors, importances, the previous model, mask scores); replayed examples are counted apart."""
         return 0
 
     def replay_bytes(self) -> int:
@@ -247,7 +250,7 @@ class SI(_Quadratic):
         self.anchors = [(self.importance, [p.detach().clone() for p in params])]
 
     def extra_state_bytes(self) -> int:
-        return super().extra_state_bytes() + tensor_bytes(self.omega) + tensor_bytes(self.start)
+        return super().extra_state_bytes() + tensor_bytes(self.omega)  # start == the anchor: not counted twice
 
 
 class LwF(Strategy):
@@ -292,7 +295,7 @@ class LwF(Strategy):
         self.old = None
 
     def extra_state_bytes(self) -> int:
-        return tensor_bytes(list(self.net.state_dict().values()))  # the frozen previous model, while a task trains
+        return tensor_bytes(list(self.net.state_dict().values()))  # the frozen previous model (from the 2nd task)
 
 
 class _Memory:
@@ -521,11 +524,10 @@ class SupSup(Strategy):
     name = "supsup"
 
     def __init__(self, density: float = 0.5, *, task_norm_stats: bool = True, **kw) -> None:
-        super().__init__(**kw)
+        super().__init__(**{**kw, "train_mode": task_norm_stats})
         if not 0 < density <= 1:
             raise ValueError(f"density must be in (0, 1], got {density}")
         self.density = density
-        self.train_mode = task_norm_stats
         self.masks: dict[str, list[torch.Tensor]] = {}
         self.stats: dict[str, list[torch.Tensor]] = {}
         self.layers: list[tuple[nn.Module, _Supermask]] = []
@@ -580,6 +582,13 @@ class SupSup(Strategy):
     def mask_bits(self) -> int:
         return sum(sm.scores.numel() for _, sm in self.layers)
 
+    def per_task_stored_values(self) -> int:
+        """Float values a task keeps besides its mask and head: its BatchNorm statistics (0 when frozen)."""
+        return sum(t.numel() for t in self.pretrained_stats) if self.train_mode else 0
+
     def per_task_stored_bytes(self) -> int:
         stats = tensor_bytes(self.pretrained_stats) if self.train_mode else 0
         return math.ceil(self.mask_bits() / 8) + stats
+
+    def extra_state_bytes(self) -> int:
+        return tensor_bytes([sm.scores for _, sm in self.layers])  # float scores, one per weight, while training

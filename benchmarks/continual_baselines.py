@@ -1,9 +1,12 @@
 """CLR against the usual baselines on the same task sequence, data, budget and seeds: the README's comparison table.
 
 Every method learns the tasks of ``examples/continual.py`` one after another with the same :class:`Recipe` (epochs,
-batch size, resolution, AdamW with a cosine schedule, augmentation, label smoothing, seed); only the learning rate
-is the method's own (each tuned on held-out validation images, see ``--validation``). After each task every task seen
-so far is evaluated again, so forgetting is measured from the accuracy matrix.
+batch size, resolution, AdamW with a cosine schedule, augmentation, label smoothing, seed). The learning rates of
+CLR and its variants, the probe, norm + head, full fine-tuning and LoRA were each tuned on held-out validation images
+(``--validation``); the continual-learning baselines train the shared backbone at full fine-tuning's rate, and their
+own settings (EWC's lambda, SI's c, SupSup's density, how BatchNorm statistics are handled) come from a small
+held-out two-task search (README: recipe notes). After each task every task seen so far is evaluated again, so
+forgetting is measured from the accuracy matrix.
 
 Methods:
 
@@ -134,7 +137,7 @@ def _with(cls: Callable[..., cl.Strategy], *args, replay: bool = False, **kw) ->
 
 _FROZEN_STATS = {"update_norm_stats": False}
 _SHARED_LR = 3e-3  # full fine-tuning's tuned rate: every method that trains the shared backbone uses it
-_EWC_LAMBDA, _SI_C, _REPLAY_PER_TASK, _SUPSUP_DENSITY = 100.0, 1.0, 50, 0.5
+_EWC_LAMBDA, _SI_C, _REPLAY_PER_TASK, _SUPSUP_DENSITY = 1e5, 1e7, 50, 0.5  # held-out search: README
 METHODS: dict[str, Method] = {
     m.key: m
     for m in (
@@ -184,6 +187,13 @@ METHODS: dict[str, Method] = {
             "cl",
             _SHARED_LR,
             strategy=_with(cl.SupSup, _SUPSUP_DENSITY),
+        ),
+        Method(
+            "supsup_frozen_bn",
+            "SupSup (density 0.9, pretrained BatchNorm statistics)",
+            "cl",
+            _SHARED_LR,
+            strategy=_with(cl.SupSup, 0.9, task_norm_stats=False),
         ),
         Method("lora", "LoRA r=8 on non-depthwise convs (PEFT)", "lora", 3e-3, train_mode=False),
     )
@@ -400,7 +410,8 @@ def _cost(method: Method, trainee: nn.Module, backbone: int, strategy: cl.Strate
     head = sum(p.numel() for p in trainee.heads[trainee.task].parameters())
     if isinstance(strategy, cl.SupSup):
         bits = strategy.mask_bits()
-        return {**cost, "per_task_trained": bits, "per_task_stored": 0, "head_params": head,
+        return {**cost, "per_task_trained": bits, "per_task_stored": strategy.per_task_stored_values(),
+                "head_params": head,
                 "per_task_stored_bytes": strategy.per_task_stored_bytes(),
                 "note": f"a {bits:,}-bit mask per task over the frozen weights"
                 + ("" if strategy.train_mode else "; BatchNorm frozen")}  # fmt: skip
@@ -466,7 +477,7 @@ def format_table(results: Sequence[MethodResult]) -> str:
     """The comparison as a markdown table; several seeds of a method are one row, mean ± sample std."""
     lines = [
         "| method | lr | seeds | avg acc (%) | forgetting (pts) | BWT (pts) | params trained per task (% of backbone) "
-        "| stored per task | other state kept | replay memory | head | s / task |",
+        "| stored per task | training state | replay memory | head | s / task |",
         "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for runs in group_by_method(results).values():
@@ -491,11 +502,23 @@ def plot_first_task(results: Sequence[MethodResult], task_names: Sequence[str], 
 
     fig, ax = plt.subplots(figsize=(8, 5))
     steps = list(range(1, len(task_names) + 1))
-    for runs in group_by_method(results).values():
+    colors = plt.get_cmap("tab20").colors
+    markers = "os^vD<>pPX*h"
+    for k, runs in enumerate(group_by_method(results).values()):
         curves = [[row[0] for row in r.matrix] for r in runs]
         mean = [statistics.mean(c[i] for c in curves) * 100 for i in range(len(steps))]
         style = "-" if runs[0].forgetting_per_task and max(r.forgetting for r in runs) > 0.005 else "--"
-        (line,) = ax.plot(steps, mean, style, marker="o", label=runs[0].label)
+        clr = runs[0].key == "clr"
+        (line,) = ax.plot(
+            steps,
+            mean,
+            style,
+            marker=markers[k % len(markers)],
+            color="black" if clr else colors[(2 * k) % 20 + (k // 10) % 2],
+            linewidth=2.5 if clr else 1.5,
+            zorder=3 if clr else 2,
+            label=runs[0].label,
+        )
         if len(curves) > 1:
             low = [min(c[i] for c in curves) * 100 for i in range(len(steps))]
             high = [max(c[i] for c in curves) * 100 for i in range(len(steps))]
@@ -566,6 +589,13 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p.add_argument("--out", default="benchmarks/results", help="folder for <name>.{md,json} and the task-1 plot")
     p.add_argument("--name", default="continual_baselines", help="output file stem")
     p.add_argument("--no-progress", action="store_true")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        type=Path,
+        metavar="JSON",
+        help="train nothing: combine the results of earlier runs (e.g. one seed each) into <out>/<name>.*",
+    )
     args = p.parse_args(list(argv) if argv is not None else None)
     args.methods = _expand_methods(args.methods)
     if args.tasks is None:
@@ -583,6 +613,7 @@ def _write(
     seconds: float,
     *,
     final: bool,
+    provenance: str | None = None,
 ) -> str:
     """Write ``<name>.md``, ``<name>.json`` and the task-1 plot with the results so far (after every method, so an
     interrupted run keeps what it measured); returns the table."""
@@ -590,12 +621,14 @@ def _write(
     split = f"validation ({args.validation:.0%} of the training images)" if args.validation else "test"
     seeds = ", ".join(map(str, args.seeds))
     command = " ".join(["python -m benchmarks.continual_baselines", *argv_to_list(argv)])
-    header = (
-        f"# Continual learning: CLR against baselines\n\n"
+    generated = provenance or (
         f"Generated by `{command}` in {seconds / 60:.0f} min on {torch.get_num_threads()} CPU threads "
         f"(torch {torch.__version__})"
         + ("" if final else f"; **unfinished: {len(results)} of {len(args.methods) * len(args.seeds)} runs so far**")
-        + ".\n\n"
+        + "."
+    )
+    header = (
+        f"# Continual learning: CLR against baselines\n\n{generated}\n\n"
         f"{args.model}, offline ImageNet weights, {args.image_size} px; tasks in order: "
         + ", ".join(f"{t.name} ({len(t.x_train)} train / {len(t.x_test)} {split})" for t in tasks)
         + f". Task-incremental: a head per task, the task id given at test time. Same budget for every method: "
@@ -607,8 +640,9 @@ def _write(
         + "; learning rates per method as shown. *avg acc*: mean accuracy over all tasks after the last one; "
         "*forgetting*: best earlier accuracy minus final, averaged over all but the last task; *BWT*: final minus "
         "just-learnt accuracy, averaged likewise. Parameters and bytes exclude the heads (listed apart); *stored per "
-        "task*: what each task adds for inference (float32; SupSup: bits); *other state kept*: what the method "
-        "holds beyond the network between tasks (Fisher, anchors, the previous model); *replay memory*: stored "
+        "task*: what each task adds for inference (float32; SupSup: bits); *training state*: what the method "
+        "holds while it trains beyond the network, its heads and the optimizer (Fisher and anchors, importances, "
+        "the previous model, mask scores); *replay memory*: stored "
         f"examples ({args.image_size} px float32 images, labels, logits); *s / task*: training time of one task "
         "(and the method's own work after it, e.g. the Fisher), mean over tasks.\n\n"
     )
@@ -633,9 +667,51 @@ def _write(
     return table
 
 
+def merge(args: argparse.Namespace, argv: Iterable[str] | None) -> list[MethodResult]:
+    """Combine the results of earlier runs (same tasks and budget, other seeds) into one table, JSON and plot."""
+    runs = [json.loads(path.read_text()) for path in args.merge]
+    first = runs[0]["settings"]
+    same = ("tasks", "epochs", "image_size", "max_train", "max_test", "batch_size", "model", "validation")
+    for path, run in zip(args.merge, runs, strict=True):
+        if not run.get("finished", True):
+            raise SystemExit(f"{path} is from a run that did not finish")
+        differs = [k for k in same if run["settings"].get(k) != first.get(k)]
+        if differs:
+            raise SystemExit(f"{path} differs from {args.merge[0]} in {', '.join(differs)}: not the same benchmark")
+    fields = set(MethodResult.__dataclass_fields__)
+    results = [MethodResult(**{k: v for k, v in r.items() if k in fields}) for run in runs for r in run["results"]]
+    seeds = sorted({r.seed for r in results})
+    if len(seeds) * len({r.key for r in results}) != len(results):
+        raise SystemExit("the merged runs repeat a seed of a method, or miss one")
+    merged = argparse.Namespace(**{**first, "seeds": seeds, "out": args.out, "name": args.name})
+    merged.methods = list(dict.fromkeys(r.key for r in results))
+    recipe = Recipe(**first["recipe"])
+    tasks = [PreparedTask(t["name"], [], *([torch.empty(t["train"])] * 2), *([torch.empty(t["eval"])] * 2))
+             for t in runs[0]["tasks"]]  # fmt: skip
+    sources = "; ".join(
+        f"`python -m benchmarks.continual_baselines {' '.join(_argv_of(run))}` ({run['wall_seconds'] / 60:.0f} min)"
+        for run in runs
+    )
+    provenance = (
+        f"Merged by `python -m benchmarks.continual_baselines {' '.join(argv_to_list(argv))}` from {len(runs)} runs "
+        f"on {torch.get_num_threads()} CPU threads (torch {torch.__version__}): {sources}."
+    )
+    skipped = {k: v for run in runs for k, v in run.get("skipped", {}).items()}
+    table = _write(merged, argv, recipe, tasks, results, skipped, 0.0, final=True, provenance=provenance)
+    print(table)
+    return results
+
+
+def _argv_of(run: dict) -> list[str]:
+    return run["settings"].get("argv") or []
+
+
 def main(argv: Iterable[str] | None = None) -> list[MethodResult]:
     """Run the comparison and write ``<out>/<name>.md``, ``<out>/<name>.json`` and ``<out>/<name>_task1.png``."""
     args = parse_args(argv)
+    if args.merge:
+        return merge(args, argv)
+    args.argv = argv_to_list(argv)
     started = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)

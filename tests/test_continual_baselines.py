@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 
 from benchmarks import continual_baselines
@@ -45,3 +46,28 @@ def test_baselines_benchmark_measures_forgetting_per_method(tmp_path):
     assert by_key["clr"].forgetting == 0.0 and by_key["probe"].forgetting == 0.0
     assert by_key["clr"].per_task_trained > by_key["probe"].per_task_trained
     assert len(by_key["clr"].matrix) == 2 and by_key["clr"].matrix[1][0] == by_key["clr"].matrix[0][0]
+
+
+def test_runs_of_single_seeds_merge_into_one_table_and_mismatches_are_refused(tmp_path):
+    threads = torch.get_num_threads()
+    common = "--tasks uci_digits lfw_faces --methods probe sequential --epochs 1 --image-size 32 --max-train 32 "
+    common += "--max-test 16 --batch-size 16 --threads 1 --no-progress --out"
+    try:
+        for seed in (0, 1):
+            continual_baselines.main([*common.split(), str(tmp_path), "--seeds", str(seed), "--name", f"s{seed}"])
+        merged = continual_baselines.main(
+            ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(tmp_path), "--name", "m"]
+        )
+        other = common.replace("--max-train 32", "--max-train 24")
+        continual_baselines.main([*other.split(), str(tmp_path), "--seeds", "2", "--name", "s2"])
+    finally:
+        torch.set_num_threads(threads)
+    assert sorted((r.key, r.seed) for r in merged) == [("probe", 0), ("probe", 1), ("sequential", 0), ("sequential", 1)]
+    table = (tmp_path / "m.md").read_text()
+    assert "Merged by" in table and "--seeds 0" in table and "--seeds 1" in table and table.count(" ± ") >= 8
+    saved = json.loads((tmp_path / "m.json").read_text())
+    assert saved["settings"]["seeds"] == [0, 1] and len(saved["results"]) == 4
+    for pair, error in ((("s0", "s2"), "max_train"), (("s0", "s0"), "repeat a seed")):
+        with pytest.raises(SystemExit, match=error):
+            files = [str(tmp_path / f"{name}.json") for name in pair]
+            continual_baselines.main(["--merge", *files, "--out", str(tmp_path), "--name", "bad"])

@@ -17,8 +17,29 @@ def test_speed_benchmark_writes_every_figure(tmp_path):
     assert saved["inference"][0]["fused_rel_diff"] <= 1e-5
     for figure in ("inference", "training", "mixed", "overheads"):
         assert saved[figure] and results[figure]
-    assert saved["training"][0]["clr_memory_mb"] < saved["training"][0]["full_ft_memory_mb"]
+    training = saved["training"][0]
+    assert training["clr_memory_mb"] < training["full_ft_memory_mb"]
+    assert training["clr_memory_efficient_memory_mb"] < training["clr_memory_mb"]  # the recomputed outputs
     assert "| resnet18 |" in (tmp_path / "s.md").read_text()
+
+
+def test_profile_benchmark_times_the_added_operators_and_breaks_memory_down(tmp_path):
+    from benchmarks import profile_speed
+
+    threads = torch.get_num_threads()
+    try:
+        argv = "resnet18 --size 32 --batches 2 --layouts NCHW --train-batch 2 --reps 1 --threads 1 --name p --out"
+        results = profile_speed.main([*argv.split(), str(tmp_path)])
+    finally:
+        torch.set_num_threads(threads)
+    inference = results["inference"][0]
+    assert inference["clr_layers"] == 17  # resnet18: the 7x7 stem and the sixteen 3x3 convs of its blocks
+    assert 0 < inference["extra_macs_percent"] < 5 and inference["clr_ops_ms"] > 0 and inference["folded_bn_ms"] > 0
+    memory = results["training"][0]
+    assert memory["clr"]["saved_mb"]["CLR layers (their inputs)"] > 0
+    assert memory["clr_memory_efficient"]["total_mb"] < memory["clr"]["total_mb"] < memory["full_ft"]["total_mb"]
+    assert results["load"][0]["load_adapter, all of it"] > 0
+    assert "| resnet18 |" in (tmp_path / "p.md").read_text() and json.loads((tmp_path / "p.json").read_text())
 
 
 def _run(tmp_path):
