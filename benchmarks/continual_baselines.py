@@ -201,7 +201,9 @@ METHODS: dict[str, Method] = {
 """The compared methods with their learning rates and method settings (README: recipe notes)."""
 
 GROUPS: dict[str, list[str]] = {
-    "cl": ["clr", "probe", "full", "sequential", "ewc", "oewc", "si", "lwf", "er", "derpp", "supsup"],
+    "cl": [
+        *("clr", "probe", "full", "sequential", "ewc", "oewc", "si", "lwf", "er", "derpp", "supsup", "supsup_frozen_bn")
+    ],
     "ablations": ["probe", "norm_head", "clr", "clr_paper_bn", "clr_scale", "clr_skip", "full", "sequential", "lora"],
     "all": list(METHODS),
 }

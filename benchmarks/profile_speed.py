@@ -233,6 +233,37 @@ def profile_training_memory(name: str, batch: int, size: int) -> dict:
     return out
 
 
+def profile_training_time(name: str, batch: int, size: int, reps: int) -> dict:
+    """Step time (AdamW) of full fine-tuning, CLR, the norms alone (CLR without kernels) and the linear probe.
+
+    Training the norms of the first layers already needs the input gradient of every frozen conv above them: the
+    norms-only step is the floor of any method that trains something in every block, CLR included.
+    """
+    x = torch.randn(batch, 3, size, size)
+    y = torch.randint(0, 10, (batch,))
+    models = {}
+    for variant in ("full_ft", "clr", "norms_only", "linear_probe"):
+        model = build(name, torch.device("cpu")).train()
+        if variant == "clr":
+            clr_timm.attach(model)
+        elif variant == "norms_only":
+            clr_timm.attach(model, clr_timm.CLRConfig(include=[]))
+        elif variant == "linear_probe":
+            clr_timm.attach(model, clr_timm.CLRConfig(include=[], train_norms=False))
+        models[variant] = (model, torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-4))
+
+    def step(v: str) -> None:
+        model, opt = models[v]
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    t = interleaved({v: (lambda v=v: step(v)) for v in models}, reps, 1, x.device)
+    return {"model": name, "batch": batch, **{f"{v}_ms": 1e3 * t[v] for v in models},
+            **{f"{v}_ratio": t[v] / t["full_ft"] for v in models}}  # fmt: skip
+
+
 def profile_load(name: str, reps: int) -> dict:
     from clr_timm import adapter as A
 
@@ -266,6 +297,16 @@ def markdown(results: dict) -> str:
             f"{r['plain_ms']:.1f} | {r['clr_ops_ms']:.2f} | {r['folded_bn_ms']:.2f} | {r['clr_floor']:.3f}x | "
             f"{r['clr_measured']:.3f}x | {r['fused_floor']:.3f}x | {r['fused_measured']:.3f}x |"
         )
+    if results.get("training_time"):
+        lines += ["", "**Training step time (ms, interleaved medians) and its ratio to full fine-tuning**", ""]
+        lines += [
+            "| model | batch | full FT | CLR | norms only (CLR without kernels) | linear probe |",
+            "|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in results["training_time"]:
+            cells = [f"{r[f'{v}_ms']:.0f} ({r[f'{v}_ratio']:.3f}x)" for v in ("full_ft", "clr", "norms_only")]
+            cells.append(f"{r['linear_probe_ms']:.0f} ({r['linear_probe_ratio']:.3f}x)")
+            lines.append(f"| {r['model']} | {r['batch']} | " + " | ".join(cells) + " |")
     for r in results["training"]:
         lines += ["", f"**Training memory, {r['model']}, batch {r['batch']} (MB)**", ""]
         variants = ("full_ft", "clr", "clr_memory_efficient")
@@ -281,6 +322,8 @@ def markdown(results: dict) -> str:
             f"CLR / full fine-tuning: {r['ratio']:.3f}x; memory-efficient: {r['memory_efficient_ratio']:.3f}x; floor "
             f"for any method that trains the norms: {r['floor']:.3f}x.",
         ]
+    if not results["load"]:
+        return "\n".join(lines)
     lines += ["", "**load_adapter phases (ms, medians)**", ""]
     phases = [k for k in results["load"][0] if k != "model"]
     lines += ["| model | " + " | ".join(phases) + " |", "|---|" + "---:|" * len(phases)]
@@ -298,6 +341,12 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--train-batch", type=int, default=32)
     p.add_argument("--reps", type=int, default=9)
     p.add_argument("--threads", type=int, default=None)
+    p.add_argument(
+        "--parts",
+        nargs="+",
+        default=["inference", "training_time", "memory", "load"],
+        choices=["inference", "training_time", "memory", "load"],
+    )
     p.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     p.add_argument("--name", default="profile_speed")
     args = p.parse_args(argv)
@@ -308,18 +357,25 @@ def main(argv: list[str] | None = None) -> dict:
         f"({torch.get_num_threads()} threads), timm {timm.__version__}, {args.size} px",
         "args": {k: str(v) for k, v in vars(args).items()},
         "inference": [],
+        "training_time": [],
         "training": [],
         "load": [],
     }
     for m in args.models:
-        for b in args.batches:
-            for layout in args.layouts:
-                results["inference"].append(profile_inference(m, b, args.size, layout, args.reps))
-                print(results["inference"][-1], flush=True)
-        results["training"].append(profile_training_memory(m, args.train_batch, args.size))
-        print(json.dumps(results["training"][-1]), flush=True)
-        results["load"].append(profile_load(m, max(args.reps, 20)))
-        print(results["load"][-1], flush=True)
+        if "inference" in args.parts:
+            for b in args.batches:
+                for layout in args.layouts:
+                    results["inference"].append(profile_inference(m, b, args.size, layout, args.reps))
+                    print(results["inference"][-1], flush=True)
+        if "training_time" in args.parts:
+            results["training_time"].append(profile_training_time(m, args.train_batch, args.size, args.reps))
+            print(results["training_time"][-1], flush=True)
+        if "memory" in args.parts:
+            results["training"].append(profile_training_memory(m, args.train_batch, args.size))
+            print(json.dumps(results["training"][-1]), flush=True)
+        if "load" in args.parts:
+            results["load"].append(profile_load(m, max(args.reps, 20)))
+            print(results["load"][-1], flush=True)
     table = markdown(results)
     print(table)
     args.out.mkdir(parents=True, exist_ok=True)

@@ -25,6 +25,7 @@ import os
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import argparse
+import contextlib
 import copy
 import json
 import platform
@@ -128,6 +129,29 @@ class _SavedBytes:
     def unpack(t: torch.Tensor) -> torch.Tensor:
         return t
 
+    @contextlib.contextmanager
+    def counting(self, model: nn.Module):
+        """Also count inside a model that installs its own saved-tensor hooks for its forward pass
+        (``clr_timm.set_memory_efficient``, which would hide the tensors it keeps from ``pack``): only what those hooks
+        let autograd keep is counted, not what they replace by a recomputation note."""
+        hooks = getattr(model, "_clr_memory_efficient", None)
+        if hooks is None:
+            yield
+            return
+        inner = hooks._pack
+
+        def pack(t: torch.Tensor):
+            saved = inner(t)
+            if saved is t:
+                self.pack(t)
+            return saved
+
+        hooks._pack = pack
+        try:
+            yield
+        finally:
+            hooks._pack = inner
+
 
 def _train_variant(name: str, variant: str, device: torch.device) -> nn.Module:
     model = build(name, device)
@@ -167,7 +191,7 @@ def fig_training(name, batch, size, device, reps, warmup) -> dict:
             memory[v] = torch.cuda.max_memory_allocated(device) - base
         else:
             counter = _SavedBytes(m)
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            with counter.counting(m), torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
                 loss = nn.functional.cross_entropy(m(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()

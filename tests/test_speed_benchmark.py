@@ -19,7 +19,8 @@ def test_speed_benchmark_writes_every_figure(tmp_path):
         assert saved[figure] and results[figure]
     training = saved["training"][0]
     assert training["clr_memory_mb"] < training["full_ft_memory_mb"]
-    assert training["clr_memory_efficient_memory_mb"] < training["clr_memory_mb"]  # the recomputed outputs
+    # the norms' copies of the reprogramming outputs are recomputed, the rest is still counted
+    assert 0.5 * training["clr_memory_mb"] < training["clr_memory_efficient_memory_mb"] < training["clr_memory_mb"]
     assert "| resnet18 |" in (tmp_path / "s.md").read_text()
 
 
