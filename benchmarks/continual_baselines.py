@@ -596,7 +596,8 @@ def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
         nargs="+",
         type=Path,
         metavar="JSON",
-        help="train nothing: combine the results of earlier runs (e.g. one seed each) into <out>/<name>.*",
+        help="train nothing: combine the results of earlier runs (e.g. one seed each, or more seeds for some methods) "
+        "into <out>/<name>.*; each row says over how many seeds it averages",
     )
     args = p.parse_args(list(argv) if argv is not None else None)
     args.methods = _expand_methods(args.methods)
@@ -683,8 +684,11 @@ def merge(args: argparse.Namespace, argv: Iterable[str] | None) -> list[MethodRe
     fields = set(MethodResult.__dataclass_fields__)
     results = [MethodResult(**{k: v for k, v in r.items() if k in fields}) for run in runs for r in run["results"]]
     seeds = sorted({r.seed for r in results})
-    if len(seeds) * len({r.key for r in results}) != len(results):
-        raise SystemExit("the merged runs repeat a seed of a method, or miss one")
+    pairs = [(r.key, r.seed) for r in results]
+    if len(set(pairs)) != len(pairs):
+        repeated = next(p for p in pairs if pairs.count(p) > 1)
+        raise SystemExit(f"the merged runs repeat seed {repeated[1]} of method {repeated[0]!r}")
+    # a method may have fewer seeds than another (extra seeds for a few rows): the table's seeds column says how many
     merged = argparse.Namespace(**{**first, "seeds": seeds, "out": args.out, "name": args.name})
     merged.methods = list(dict.fromkeys(r.key for r in results))
     recipe = Recipe(**first["recipe"])

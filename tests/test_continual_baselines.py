@@ -58,6 +58,10 @@ def test_runs_of_single_seeds_merge_into_one_table_and_mismatches_are_refused(tm
         merged = continual_baselines.main(
             ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(tmp_path), "--name", "m"]
         )
+        continual_baselines.main([*common.split(), str(tmp_path), "--seeds", "3", "--methods", "probe", "--name", "s3"])
+        uneven = continual_baselines.main(
+            ["--merge", *(str(tmp_path / f"s{i}.json") for i in (0, 1, 3)), "--out", str(tmp_path), "--name", "u"]
+        )
         other = common.replace("--max-train 32", "--max-train 24")
         continual_baselines.main([*other.split(), str(tmp_path), "--seeds", "2", "--name", "s2"])
     finally:
@@ -67,7 +71,11 @@ def test_runs_of_single_seeds_merge_into_one_table_and_mismatches_are_refused(tm
     assert "Merged by" in table and "--seeds 0" in table and "--seeds 1" in table and table.count(" ± ") >= 8
     saved = json.loads((tmp_path / "m.json").read_text())
     assert saved["settings"]["seeds"] == [0, 1] and len(saved["results"]) == 4
-    for pair, error in ((("s0", "s2"), "max_train"), (("s0", "s0"), "repeat a seed")):
+    assert len(uneven) == 5  # probe over three seeds, sequential over two: each row says how many
+    rows = [line.split(" | ") for line in (tmp_path / "u.md").read_text().splitlines() if line.startswith("| ")]
+    seeds = {cells[0]: cells[2] for cells in rows if len(cells) > 2}
+    assert seeds["| linear probe"] == "3" and seeds["| sequential fine-tuning, shared backbone"] == "2"
+    for pair, error in ((("s0", "s2"), "max_train"), (("s0", "s0"), "repeat seed 0 of method 'probe'")):
         with pytest.raises(SystemExit, match=error):
             files = [str(tmp_path / f"{name}.json") for name in pair]
             continual_baselines.main(["--merge", *files, "--out", str(tmp_path), "--name", "bad"])
