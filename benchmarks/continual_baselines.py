@@ -610,7 +610,7 @@ def _write(
     args: argparse.Namespace,
     argv: Iterable[str] | None,
     recipe: Recipe,
-    tasks: Sequence[PreparedTask],
+    tasks: Sequence[tuple[str, int, int]],
     results: list[MethodResult],
     skipped: dict[str, str],
     seconds: float,
@@ -633,7 +633,7 @@ def _write(
     header = (
         f"# Continual learning: CLR against baselines\n\n{generated}\n\n"
         f"{args.model}, offline ImageNet weights, {args.image_size} px; tasks in order: "
-        + ", ".join(f"{t.name} ({len(t.x_train)} train / {len(t.x_test)} {split})" for t in tasks)
+        + ", ".join(f"{name} ({train} train / {evaluated} {split})" for name, train, evaluated in tasks)
         + f". Task-incremental: a head per task, the task id given at test time. Same budget for every method: "
         f"{recipe.epochs} epochs, batch {recipe.batch_size}, AdamW (no weight decay) with cosine schedule and "
         f"{recipe.warmup_epochs:g}-epoch warm-up, label smoothing {recipe.label_smoothing:g}, "
@@ -654,10 +654,10 @@ def _write(
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text(header + table + "\n")
-    figure = plot_first_task(results, [t.name for t in tasks], out / f"{args.name}_task1.png") if results else None
+    figure = plot_first_task(results, [t[0] for t in tasks], out / f"{args.name}_task1.png") if results else None
     payload = {
         "settings": {**vars(args), "recipe": asdict(recipe), "evaluated_on": split},
-        "tasks": [{"name": t.name, "train": len(t.x_train), "eval": len(t.x_test)} for t in tasks],
+        "tasks": [{"name": name, "train": train, "eval": evaluated} for name, train, evaluated in tasks],
         "results": [
             {**asdict(r), "percent_trained": r.percent_trained, "percent_stored": r.percent_stored} for r in results
         ],
@@ -692,8 +692,7 @@ def merge(args: argparse.Namespace, argv: Iterable[str] | None) -> list[MethodRe
     merged = argparse.Namespace(**{**first, "seeds": seeds, "out": args.out, "name": args.name})
     merged.methods = list(dict.fromkeys(r.key for r in results))
     recipe = Recipe(**first["recipe"])
-    tasks = [PreparedTask(t["name"], [], *([torch.empty(t["train"])] * 2), *([torch.empty(t["eval"])] * 2))
-             for t in runs[0]["tasks"]]  # fmt: skip
+    tasks = [(t["name"], t["train"], t["eval"]) for t in runs[0]["tasks"]]
     sources = "; ".join(
         f"`python -m benchmarks.continual_baselines {' '.join(_argv_of(run))}` ({run['wall_seconds'] / 60:.0f} min)"
         for run in runs
@@ -706,6 +705,11 @@ def merge(args: argparse.Namespace, argv: Iterable[str] | None) -> list[MethodRe
     table = _write(merged, argv, recipe, tasks, results, skipped, 0.0, final=True, provenance=provenance)
     print(table)
     return results
+
+
+def _sizes(tasks: Sequence[PreparedTask]) -> list[tuple[str, int, int]]:
+    """(name, training images, evaluation images) of each task: what the written results say about the data."""
+    return [(t.name, len(t.x_train), len(t.x_test)) for t in tasks]
 
 
 def _argv_of(run: dict) -> list[str]:
@@ -752,14 +756,14 @@ def main(argv: Iterable[str] | None = None) -> list[MethodResult]:
                 continue
             result = run_method(method, base, tasks, recipe, seed=seed, progress=not args.no_progress)
             results.append(result)
-            _write(args, argv, recipe, tasks, results, skipped, time.perf_counter() - started, final=False)
+            _write(args, argv, recipe, _sizes(tasks), results, skipped, time.perf_counter() - started, final=False)
             print(
                 f"{method.label}, seed {seed}: average {100 * result.average_accuracy:.1f}%, forgetting "
                 f"{100 * result.forgetting:.1f} points, {result.seconds_per_task:.0f} s per task\n"
                 f"{format_matrix([t.name for t in tasks], result.matrix)}",
                 flush=True,
             )
-    table = _write(args, argv, recipe, tasks, results, skipped, time.perf_counter() - started, final=True)
+    table = _write(args, argv, recipe, _sizes(tasks), results, skipped, time.perf_counter() - started, final=True)
     print("\n" + table)
     return results
 

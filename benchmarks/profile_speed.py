@@ -27,14 +27,10 @@ import argparse
 import collections
 import copy
 import json
-import platform
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-import timm
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -43,21 +39,15 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import clr_timm
-from benchmarks.speed import MODELS, build, interleaved, perturb_adapter
+from benchmarks.speed import MODELS, build, count_saved, interleaved, machine_description, perturb_adapter
 from clr_timm.layers import CLRConv2d
 
 CLR_TYPES = (CLRConv2d,)
 
 
 def _median_ms(fn, reps: int, warmup: int = 2) -> float:
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(reps):
-        t = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t)
-    return 1e3 * statistics.median(times)
+    """Median milliseconds of one function on the CPU (speed.py's timing loop)."""
+    return 1e3 * interleaved({"fn": fn}, reps, warmup, torch.device("cpu"))["fn"]
 
 
 def _macs(model: nn.Module, x: torch.Tensor) -> tuple[int, int]:
@@ -184,18 +174,6 @@ class _SavedByModule:
             h.remove()
 
 
-def _counting(pack, counter: _SavedByModule):
-    """``pack`` that first counts the tensors it lets autograd keep (not the ones it replaces by a recompute note)."""
-
-    def wrapped(t):
-        saved = pack(t)
-        if saved is t:
-            counter.pack(t)
-        return saved
-
-    return wrapped
-
-
 def profile_training_memory(name: str, batch: int, size: int) -> dict:
     out = {"model": name, "batch": batch}
     x = torch.randn(batch, 3, size, size)
@@ -206,12 +184,8 @@ def profile_training_memory(name: str, batch: int, size: int) -> dict:
             clr_timm.attach(model)
             clr_timm.set_memory_efficient(model, variant == "clr_memory_efficient")
         counter = _SavedByModule(model)
-        if variant == "clr_memory_efficient":  # its own hooks replace ours: count what it hands autograd to keep
-            model._clr_memory_efficient._pack = _counting(model._clr_memory_efficient._pack, counter)
+        with count_saved(model, counter.pack):
             loss = F.cross_entropy(model(x), y)
-        else:
-            with torch.autograd.graph.saved_tensors_hooks(counter.pack, lambda t: t):
-                loss = F.cross_entropy(model(x), y)
         counter.remove()
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=1e-4)
@@ -353,8 +327,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     results: dict = {
-        "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
-        f"({torch.get_num_threads()} threads), timm {timm.__version__}, {args.size} px",
+        "machine": machine_description(torch.device("cpu"), args.size),
         "args": {k: str(v) for k, v in vars(args).items()},
         "inference": [],
         "training_time": [],

@@ -125,31 +125,35 @@ class _SavedBytes:
             self.total += t.untyped_storage().nbytes()
         return t
 
-    @staticmethod
-    def unpack(t: torch.Tensor) -> torch.Tensor:
+
+@contextlib.contextmanager
+def count_saved(model: nn.Module, pack: Callable[[torch.Tensor], object]):
+    """Within it, ``pack(t)`` sees every tensor autograd keeps for backward in a forward pass of ``model``.
+
+    ``clr_timm.set_memory_efficient`` installs its own saved-tensor hooks for the model's forward pass, which would
+    hide the tensors from an outer hook: there only what its hooks let autograd keep reaches ``pack``, not what they
+    replace by a recomputation note.
+    """
+    hooks = getattr(model, "_clr_memory_efficient", None)
+    inner = hooks._pack if hooks is not None else None
+
+    def kept(t: torch.Tensor):
+        saved = inner(t)
+        if saved is t:
+            pack(t)
+        return saved
+
+    def outer(t: torch.Tensor) -> torch.Tensor:
+        pack(t)
         return t
 
-    @contextlib.contextmanager
-    def counting(self, model: nn.Module):
-        """Also count inside a model that installs its own saved-tensor hooks for its forward pass
-        (``clr_timm.set_memory_efficient``, which would hide the tensors it keeps from ``pack``): only what those hooks
-        let autograd keep is counted, not what they replace by a recomputation note."""
-        hooks = getattr(model, "_clr_memory_efficient", None)
-        if hooks is None:
+    if hooks is not None:
+        hooks._pack = kept
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(outer, lambda t: t):
             yield
-            return
-        inner = hooks._pack
-
-        def pack(t: torch.Tensor):
-            saved = inner(t)
-            if saved is t:
-                self.pack(t)
-            return saved
-
-        hooks._pack = pack
-        try:
-            yield
-        finally:
+    finally:
+        if hooks is not None:
             hooks._pack = inner
 
 
@@ -191,7 +195,7 @@ def fig_training(name, batch, size, device, reps, warmup) -> dict:
             memory[v] = torch.cuda.max_memory_allocated(device) - base
         else:
             counter = _SavedBytes(m)
-            with counter.counting(m), torch.autograd.graph.saved_tensors_hooks(counter.pack, counter.unpack):
+            with count_saved(m, counter.pack):
                 loss = nn.functional.cross_entropy(m(x), y)
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -313,6 +317,15 @@ def markdown(results: dict) -> str:
     return "\n".join(lines)
 
 
+def machine_description(device: torch.device, size: int) -> str:
+    """The device, CPU count, library versions, threads and resolution a run measured on (for its tables)."""
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
+    return (
+        f"{name}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
+        f"timm {timm.__version__}, {size} px"
+    )
+
+
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("models", nargs="*", default=MODELS)
@@ -335,10 +348,8 @@ def main(argv: list[str] | None = None) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     results: dict = {
-        "machine": f"{name}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"timm {timm.__version__}, {args.size} px",
+        "machine": machine_description(device, args.size),
         "args": {k: str(v) for k, v in vars(args).items()},
         "inference": [],
         "training": [],

@@ -8,6 +8,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import clr_timm
+from benchmarks import speed
 from clr_timm.layers import CLR_LAYERS
 from tests._models import make_input, make_model
 
@@ -26,36 +27,11 @@ def _step(model: nn.Module, x: torch.Tensor) -> tuple[torch.Tensor, dict[str, to
     """Loss, gradients and the bytes autograd kept for backward (the model's own weights not counted)."""
     for p in model.parameters():
         p.grad = None
-    kept = {t.untyped_storage().data_ptr() for t in (*model.parameters(), *model.buffers())}
-    total = [0]
-    state = getattr(model, "_clr_memory_efficient", None)
-    if state is not None:  # count what the memory-efficient hooks let autograd keep
-        pack = state._pack
-
-        def counting(t):
-            saved = pack(t)
-            if saved is t and t.untyped_storage().data_ptr() not in kept:
-                kept.add(t.untyped_storage().data_ptr())
-                total[0] += t.untyped_storage().nbytes()
-            return saved
-
-        state._pack = counting
-        try:
-            loss = F.cross_entropy(model(x), torch.arange(len(x)) % 5)
-        finally:
-            state._pack = pack
-    else:
-
-        def count(t):
-            if t.untyped_storage().data_ptr() not in kept:
-                kept.add(t.untyped_storage().data_ptr())
-                total[0] += t.untyped_storage().nbytes()
-            return t
-
-        with torch.autograd.graph.saved_tensors_hooks(count, lambda t: t):
-            loss = F.cross_entropy(model(x), torch.arange(len(x)) % 5)
+    counter = speed._SavedBytes(model)  # the model's own weights not counted
+    with speed.count_saved(model, counter.pack):  # through the memory-efficient hooks too
+        loss = F.cross_entropy(model(x), torch.arange(len(x)) % 5)
     loss.backward()
-    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, total[0]
+    return loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}, counter.total
 
 
 @pytest.mark.parametrize(
