@@ -5,7 +5,8 @@
 
 Figures (interleaved repetitions, medians):
   1. inference latency, CLR attached vs plain model (eval, no_grad);
-  2. the same after the deployment fast path ``clr_timm.fuse``;
+  2. the same after the deployment fast path ``clr_timm.fuse``; on models with depthwise convs, both again with
+     ``depthwise="scale"`` (fused: the scales fold into the depthwise convs' filters);
   3. training step time and training memory: CLR (also with ``clr_timm.set_memory_efficient``) vs full fine-tuning
      vs linear probe (AdamW, same batch);
   4. a mixed batch of 8 tasks vs a single-task batch of the same size vs a loop of per-task sub-batches;
@@ -84,7 +85,11 @@ def perturb_adapter(model: nn.Module, seed: int) -> None:
 
 
 def fig_inference(name, batch, size, device, reps, warmup) -> dict:
-    """Plain vs CLR vs fused CLR, in the default (NCHW) layout and in channels_last."""
+    """Plain vs CLR vs fused CLR, in the default (NCHW) layout and in channels_last.
+
+    On a model with depthwise convs, also CLR with ``depthwise="scale"`` (one scale per channel after each depthwise
+    conv instead of a 3x3 kernel), unfused and fused (``scale``, ``scale_fused``).
+    """
     plain = build(name, device)
     clr = clr_timm.attach(build(name, device))
     perturb_adapter(clr, 1)
@@ -92,6 +97,11 @@ def fig_inference(name, batch, size, device, reps, warmup) -> dict:
     fused = clr_timm.fuse(copy.deepcopy(clr), example_input=x[:2])
     cl = torch.channels_last
     variants = {"plain": plain, "clr": clr, "fused": fused}
+    if any(t.depthwise for t in clr_timm.plan_targets(plain).targets):
+        scale = clr_timm.attach(build(name, device), depthwise="scale")
+        perturb_adapter(scale, 1)
+        variants["scale"] = scale
+        variants["scale_fused"] = clr_timm.fuse(copy.deepcopy(scale), example_input=x[:2])
     variants.update({f"{k}_cl": copy.deepcopy(m).to(memory_format=cl) for k, m in list(variants.items())})
     x_cl = x.contiguous(memory_format=cl)
     fns = {k: (lambda m=m, k=k: m(x_cl if k.endswith("_cl") else x)) for k, m in variants.items()}
@@ -99,10 +109,14 @@ def fig_inference(name, batch, size, device, reps, warmup) -> dict:
         t = interleaved(fns, reps, warmup, device)
         reference = clr(x)
         err = (fused(x) - reference).abs().max().item() / max(1.0, reference.abs().max().item())
+        if "scale" in variants:
+            reference = variants["scale"](x)
+            scale_err = (variants["scale_fused"](x) - reference).abs().max().item()
+            err = max(err, scale_err / max(1.0, reference.abs().max().item()))
     out = {f"{k}_ms": 1e3 * v for k, v in t.items()}
     for suffix in ("", "_cl"):
-        out[f"clr{suffix}_ratio"] = t[f"clr{suffix}"] / t[f"plain{suffix}"]
-        out[f"fused{suffix}_ratio"] = t[f"fused{suffix}"] / t[f"plain{suffix}"]
+        for k in [k for k in variants if not k.endswith("_cl") and k != "plain"]:
+            out[f"{k}{suffix}_ratio"] = t[f"{k}{suffix}"] / t[f"plain{suffix}"]
     out["fused_rel_diff"] = err
     return out
 
@@ -277,7 +291,7 @@ def _timed(fn: Callable[[], object]) -> float:
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}", ""]
     lines += [
-        "| model | batch | layout | plain ms | CLR ms | CLR / plain | fused ms | fused / plain | fused vs CLR (rel.) |",
+        "| model | batch | layout | plain ms | CLR ms | CLR / plain | fused ms | fused / plain | fused vs unfused (rel.) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["inference"]:
@@ -288,6 +302,22 @@ def markdown(results: dict) -> str:
                 f"{r[f'clr{suffix}_ratio']:.3f}x | {r[f'fused{suffix}_ms']:.1f} | {r[f'fused{suffix}_ratio']:.3f}x | "
                 f"{r['fused_rel_diff']:.1e} |"
             )
+    scaled = [r for r in results["inference"] if "scale_ratio" in r]
+    if scaled:
+        lines += [
+            "",
+            'With `depthwise="scale"` (models with depthwise convs):',
+            "",
+            "| model | batch | layout | plain ms | scale ms | scale / plain | fused ms | fused / plain |",
+            "|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
+        for r in scaled:
+            for suffix, layout in (("", "NCHW"), ("_cl", "channels_last")):
+                lines.append(
+                    f"| {r['model']} | {r['batch']} | {layout} | {r[f'plain{suffix}_ms']:.1f} | "
+                    f"{r[f'scale{suffix}_ms']:.1f} | {r[f'scale{suffix}_ratio']:.3f}x | "
+                    f"{r[f'scale_fused{suffix}_ms']:.1f} | {r[f'scale_fused{suffix}_ratio']:.3f}x |"
+                )
     lines += [
         "",
         "| model | batch | full FT ms | CLR ms | CLR mem-eff ms | probe ms | CLR / full FT time | memory "

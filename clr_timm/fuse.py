@@ -5,6 +5,11 @@ scale) followed by a per-channel affine is again one such layer, with a bias. :f
 that directly consumes a reprogramming layer's output into it, so that pass over the feature map disappears, and
 checks on an example input that the outputs did not change. :func:`unfuse` takes it back.
 
+A per-channel scale (``depthwise="scale"``) goes one step further: a conv followed by a per-channel affine is the
+same conv with scaled filters and a bias, so the scale and the BatchNorm are folded into the frozen conv's filters
+(into copies: the frozen weights are not touched) and the reprogramming layer and the norm both disappear from the
+fused model's work. This is done for ``nn.Conv2d`` and timm's ``Conv2dSame``, whose forwards are known.
+
 What cannot be folded exactly, and is left alone: GroupNorm / LayerNorm (their statistics depend on the input), and
 a reprogramming kernel into the conv before it (a dense k x k conv followed by a 3 x 3 depthwise one is a
 (k + 2) x (k + 2) conv, more work, not less; two 'same'-padded depthwise convs compose into a larger one everywhere
@@ -20,7 +25,7 @@ from torch import nn
 
 from .attach import CLR_ATTR, _state
 from .errors import CLRError
-from .layers import CLR_LAYERS
+from .layers import CLR_LAYERS, CLRScale
 
 __all__ = ["fuse", "unfuse", "is_fused"]
 
@@ -36,6 +41,34 @@ def _folded_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(module, "act"):
         x = module.act(module.drop(x)) if hasattr(module, "drop") else module.act(x)
     return x
+
+
+def _plain_conv_forward(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    return conv._conv_forward(x, w, b)
+
+
+def _same_conv_forward(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    from timm.layers.conv2d_same import conv2d_same
+
+    return conv2d_same(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+def _conv_forwards() -> dict:
+    """``type(conv).forward`` -> the same computation with given filters and bias, for the convs a scale folds into."""
+    forwards = {nn.Conv2d.forward: _plain_conv_forward}
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+    except ImportError:  # pragma: no cover - every supported timm has it
+        return forwards
+    forwards[Conv2dSame.forward] = _same_conv_forward
+    return forwards
+
+
+def _folded_conv_forward(conv: nn.Module, compute, x: torch.Tensor) -> torch.Tensor:
+    if conv.training:
+        raise CLRError("this conv has its reprogramming scale folded in (clr_timm.fuse); call clr_timm.unfuse first")
+    layer = getattr(conv, CLR_ATTR)
+    return compute(conv, x, layer._buffers["fused_conv_weight"], layer._buffers["fused_conv_bias"])
 
 
 def _example_input(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -92,6 +125,8 @@ def is_fused(model: nn.Module) -> bool:
 def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: float = 1e-4) -> nn.Module:
     """Fold BatchNorms into the reprogramming layers before them, for fast single-task inference (eval mode only).
 
+    Per-channel scales (``depthwise="scale"``) are folded, with their BatchNorm, into the conv before them as well.
+
     Args:
         model: An attached model in eval mode (for example after :func:`~clr_timm.load_adapter`).
         example_input: An input the model accepts, used to find which norm follows which layer and to check the
@@ -128,7 +163,8 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: floa
             layer.register_buffer("fused_weight", layer.weight * scale.reshape(shape), persistent=False)
             layer.register_buffer("fused_bias", shift.to(layer.weight.dtype), persistent=False)
             norm.forward = functools.partial(_folded_norm_forward, norm)
-    setattr(model, _FUSED_ATTR, pairs)
+        convs = _fold_scales_into_convs(modules)
+    setattr(model, _FUSED_ATTR, (pairs, convs))
     with torch.no_grad():
         diff = (model(x) - reference).abs().max().item()
     if not diff <= atol:
@@ -137,19 +173,49 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: floa
     return model
 
 
+def _fold_scales_into_convs(modules: dict[str, nn.Module]) -> list[str]:
+    """Fold each per-channel scale (with the norm already folded into it, if any) into the conv before it.
+
+    The scaled filters and the bias are non-persistent buffers of the scale layer; the conv's forward is replaced on
+    the instance by the same computation with them, and the scale layer then passes its input through.
+    """
+    forwards = _conv_forwards()
+    folded = []
+    for name, conv in modules.items():
+        layer = getattr(conv, CLR_ATTR, None)
+        compute = forwards.get(type(conv).forward)
+        if not isinstance(layer, CLRScale) or compute is None or "forward" in conv.__dict__:
+            continue
+        scale = layer._buffers.get("fused_weight", layer.weight)
+        shift = layer._buffers.get("fused_bias")
+        if shift is None:
+            shift = torch.zeros_like(scale)
+        w = conv.weight * scale.to(conv.weight.dtype).reshape(-1, 1, 1, 1)
+        b = shift.to(conv.weight.dtype)
+        if conv.bias is not None:
+            b = b + conv.bias * scale.to(conv.weight.dtype)
+        layer.register_buffer("fused_conv_weight", w, persistent=False)
+        layer.register_buffer("fused_conv_bias", b, persistent=False)
+        conv.forward = functools.partial(_folded_conv_forward, conv, compute)
+        folded.append(name)
+    return folded
+
+
 def unfuse(model: nn.Module) -> nn.Module:
     """Undo :func:`fuse`: the reprogramming layers and norms compute separately again (and can train)."""
-    pairs = getattr(model, _FUSED_ATTR, None)
-    if pairs is None:
+    fused = getattr(model, _FUSED_ATTR, None)
+    if fused is None:
         raise CLRError("model is not fused")
+    pairs, convs = fused
     modules = dict(model.named_modules())
-    for conv_name, norm_name in pairs:
+    for conv_name in [c for c, _ in pairs] + convs:
         layer = getattr(modules[conv_name], CLR_ATTR)
-        for buf in ("fused_weight", "fused_bias"):
+        for buf in ("fused_weight", "fused_bias", "fused_conv_weight", "fused_conv_bias"):
             if buf in layer._buffers:
                 del layer._buffers[buf]
-        norm = modules[norm_name]
-        if "forward" in norm.__dict__:
-            del norm.__dict__["forward"]
+    for name in [n for _, n in pairs] + convs:
+        module = modules[name]
+        if "forward" in module.__dict__:
+            del module.__dict__["forward"]
     delattr(model, _FUSED_ATTR)
     return model

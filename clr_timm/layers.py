@@ -72,6 +72,8 @@ class CLRScale(nn.Module):
             self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if "fused_conv_weight" in self._buffers:  # clr_timm.fuse folded this scale into the conv's filters
+            return x
         if "fused_bias" in self._buffers:  # clr_timm.fuse folded the following BatchNorm in
             w, b = self._buffers["fused_weight"], self._buffers["fused_bias"]
             return torch.addcmul(b.to(x.dtype).view(-1, 1, 1), x, w.to(x.dtype).view(-1, 1, 1))

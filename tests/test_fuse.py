@@ -20,6 +20,7 @@ def _trained(name, **config):
         ("resnet18", {}),
         ("tf_efficientnet_lite0", {}),
         ("efficientnet_b0", {"depthwise": "scale"}),
+        ("tf_efficientnet_lite0", {"depthwise": "scale"}),  # scales into nn.Conv2d and timm's Conv2dSame
         ("convnext_tiny", {}),  # LayerNorm2d: nothing to fold, still correct
     ],
 )
@@ -39,6 +40,26 @@ def test_fuse_folds_every_batchnorm_that_follows_a_reprogramming_layer():
     clr_timm.fuse(model, example_input=make_input())
     folded = [m for m in model.modules() if "fused_bias" in getattr(m, "_buffers", {})]
     assert len(folded) == clr_timm.count_parameters(model).num_reprogrammed == 17
+
+
+def test_fuse_folds_each_scale_and_its_batchnorm_into_the_conv_before_it():
+    model = _trained("tf_efficientnet_lite0", depthwise="scale")
+    x = make_input()
+    convs = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "clr", None), clr_timm.CLRScale)}
+    assert {type(m).__name__ for m in convs.values()} == {"Conv2d", "Conv2dSame"}
+    frozen = {n: m.weight.clone() for n, m in convs.items()}
+    with torch.no_grad():
+        expected = model(x)
+    clr_timm.fuse(model, example_input=x)
+    for n, m in convs.items():
+        assert "fused_conv_weight" in m.clr._buffers, n
+        assert torch.equal(m.weight, frozen[n])  # folded into a copy: the frozen filters are untouched
+    with pytest.raises(clr_timm.CLRError, match="unfuse"):
+        next(iter(convs.values())).train()(torch.zeros(1, 16, 8, 8))
+    clr_timm.unfuse(model)
+    assert not any("fused_conv_weight" in m.clr._buffers or "forward" in m.__dict__ for m in convs.values())
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
 
 
 def test_fusing_leaves_the_adapter_and_state_dict_unchanged_and_unfuse_restores(tmp_path):

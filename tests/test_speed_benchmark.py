@@ -24,6 +24,18 @@ def test_speed_benchmark_writes_every_figure(tmp_path):
     assert "| resnet18 |" in (tmp_path / "s.md").read_text()
 
 
+def test_speed_benchmark_times_the_scale_policy_on_a_model_with_depthwise_convs(tmp_path):
+    threads = torch.get_num_threads()
+    argv = "tf_efficientnet_lite0 --size 32 --batches 1 --reps 1 --warmup 0 --threads 1 --only inference"
+    try:
+        results = speed.main([*argv.split(), "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")])
+    finally:
+        torch.set_num_threads(threads)
+    row = results["inference"][0]
+    assert row["scale_fused_ratio"] > 0 and row["scale_fused_cl_ratio"] > 0 and row["fused_rel_diff"] <= 1e-5
+    assert 'With `depthwise="scale"`' in (tmp_path / "s.md").read_text()
+
+
 def test_profile_benchmark_times_the_added_operators_and_breaks_memory_down(tmp_path):
     from benchmarks import profile_speed
 
