@@ -291,7 +291,8 @@ def _timed(fn: Callable[[], object]) -> float:
 def markdown(results: dict) -> str:
     lines = [f"Machine: {results['machine']}", ""]
     lines += [
-        "| model | batch | layout | plain ms | CLR ms | CLR / plain | fused ms | fused / plain | fused vs unfused (rel.) |",
+        "| model | batch | layout | plain ms | CLR ms | CLR / plain | fused ms | fused / plain "
+        "| fused vs unfused (rel.) |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["inference"]:
