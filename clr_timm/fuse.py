@@ -25,7 +25,7 @@ from torch import nn
 
 from .attach import CLR_ATTR, _state
 from .errors import CLRError
-from .layers import CLR_LAYERS, CLRScale
+from .layers import CLR_LAYERS, CLRScale, conv_computations
 
 __all__ = ["fuse", "unfuse", "is_fused"]
 
@@ -41,27 +41,6 @@ def _folded_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if hasattr(module, "act"):
         x = module.act(module.drop(x)) if hasattr(module, "drop") else module.act(x)
     return x
-
-
-def _plain_conv_forward(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    return conv._conv_forward(x, w, b)
-
-
-def _same_conv_forward(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    from timm.layers.conv2d_same import conv2d_same
-
-    return conv2d_same(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-def _conv_forwards() -> dict:
-    """``type(conv).forward`` -> the same computation with given filters and bias, for the convs a scale folds into."""
-    forwards = {nn.Conv2d.forward: _plain_conv_forward}
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
-    except ImportError:  # pragma: no cover - every supported timm has it
-        return forwards
-    forwards[Conv2dSame.forward] = _same_conv_forward
-    return forwards
 
 
 def _folded_conv_forward(conv: nn.Module, compute, x: torch.Tensor) -> torch.Tensor:
@@ -179,7 +158,7 @@ def _fold_scales_into_convs(modules: dict[str, nn.Module]) -> list[str]:
     The scaled filters and the bias are non-persistent buffers of the scale layer; the conv's forward is replaced on
     the instance by the same computation with them, and the scale layer then passes its input through.
     """
-    forwards = _conv_forwards()
+    forwards = conv_computations()
     folded = []
     for name, conv in modules.items():
         layer = getattr(conv, CLR_ATTR, None)

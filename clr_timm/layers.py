@@ -84,3 +84,25 @@ class CLRScale(nn.Module):
 
 
 CLR_LAYERS = (CLRConv2d, CLRScale)
+
+
+def conv_computations() -> dict:
+    """``type(conv).forward`` -> ``f(conv, x, weight, bias)``, the same conv with given filters, for the conv classes
+    whose forward is exactly one convolution (``nn.Conv2d`` and timm's ``Conv2dSame``, which pads first)."""
+    forwards = {nn.Conv2d.forward: _plain_conv}
+    try:
+        from timm.layers.conv2d_same import Conv2dSame
+    except ImportError:  # pragma: no cover - every supported timm has it
+        return forwards
+    forwards[Conv2dSame.forward] = _same_conv
+    return forwards
+
+
+def _plain_conv(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    return conv._conv_forward(x, w, b)
+
+
+def _same_conv(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
+    from timm.layers.conv2d_same import conv2d_same
+
+    return conv2d_same(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)

@@ -1,11 +1,19 @@
-"""Training memory: recompute each reprogramming layer's output in backward instead of keeping it.
+"""Training memory: keep for backward only what a gradient of the adapter needs.
 
 In training, a reprogramming layer keeps its input for its own weight gradient, and the layer that consumes its
 output (the norm right after it, whose affine weights train) keeps that output: two feature maps of the conv's size
-where full fine-tuning keeps one. With :func:`set_memory_efficient` the second one is not kept: whenever autograd
-saves a reprogramming layer's output, a note of the layer and its input (which it keeps anyway) is saved instead, and
-the output is recomputed from it in backward: one depthwise conv per layer, the cheapest op of the block. Gradients
-are unchanged (the recomputation is the same op on the same tensors). Measured in ``benchmarks/speed.py``.
+where full fine-tuning keeps one. And autograd keeps every frozen conv's input, although with the conv's weights
+frozen only the gradient with respect to that input is computed, which needs the input's shape but not its values.
+With :func:`set_memory_efficient`:
+
+- whenever autograd saves a reprogramming layer's output, a note of the layer and its input (which it keeps anyway)
+  is saved instead, and the output is recomputed from it in backward: one depthwise conv per layer, the cheapest op
+  of the block;
+- whenever a frozen conv (``nn.Conv2d`` or timm's ``Conv2dSame`` whose weights do not require grad) saves an input
+  that nothing saved before it (a ReLU keeps its output anyway), only the input's shape, strides and dtype are kept;
+  backward gets an uninitialised tensor of that layout, which the input-gradient computation never reads.
+
+Gradients are unchanged (tested bit for bit). Measured in ``benchmarks/speed.py``.
 
 It works through :func:`torch.autograd.graph.saved_tensors_hooks` entered around the model's forward pass, so it
 replaces, for that forward pass, any saved-tensor hooks the caller has installed (e.g. activation offloading).
@@ -14,14 +22,14 @@ replaces, for that forward pass, any saved-tensor hooks the caller has installed
 from __future__ import annotations
 
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from .errors import CLRError
-from .layers import CLR_LAYERS, CLRConv2d
+from .layers import CLR_LAYERS, CLRConv2d, conv_computations
 
 __all__ = ["is_memory_efficient", "set_memory_efficient"]
 
@@ -44,6 +52,29 @@ class _Recompute:
         return x * w.view(-1, 1, 1)
 
 
+@dataclass(frozen=True)
+class _Layout:
+    """Stands in, among autograd's saved tensors, for a frozen conv's input: backward needs only its layout."""
+
+    shape: torch.Size
+    stride: tuple[int, ...]
+    dtype: torch.dtype
+    device: torch.device
+
+    def __call__(self) -> torch.Tensor:
+        return torch.empty_strided(self.shape, self.stride, dtype=self.dtype, device=self.device)
+
+
+@dataclass
+class _Pass:
+    """One thread's state for the forward pass in progress."""
+
+    outputs: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    contexts: list = field(default_factory=list)  # the saved-tensor hooks contexts entered (nested model calls)
+    frozen: list[nn.Module] = field(default_factory=list)  # the frozen convs whose forward is running
+    kept: set[int] = field(default_factory=set)  # storages autograd keeps as they are (by data pointer)
+
+
 class _Notes:
     """Per thread: the reprogramming outputs of the forward pass in progress (by data pointer) and its hooks context.
 
@@ -52,10 +83,10 @@ class _Notes:
     """
 
     def __init__(self) -> None:
-        self._threads: dict[int, tuple[dict, list]] = {}
+        self._threads: dict[int, _Pass] = {}
 
-    def get(self) -> tuple[dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor, int]], list]:
-        return self._threads.setdefault(threading.get_ident(), ({}, []))
+    def get(self) -> _Pass:
+        return self._threads.setdefault(threading.get_ident(), _Pass())
 
     def release(self) -> None:
         self._threads.pop(threading.get_ident(), None)
@@ -71,54 +102,81 @@ class _MemoryEfficient:
             model.register_forward_hook(self._exit, always_call=True),
         ]
         self.handles += [m.register_forward_hook(self._note) for m in model.modules() if isinstance(m, CLR_LAYERS)]
+        convs = conv_computations()
+        for m in model.modules():
+            if type(m).forward in convs:
+                self.handles.append(m.register_forward_pre_hook(self._conv_enter))
+                # prepended: the conv's reprogramming layer runs in a later forward hook, outside the marked region
+                self.handles.append(m.register_forward_hook(self._conv_exit, prepend=True, always_call=True))
 
     def remove(self) -> None:
         for h in self.handles:
             h.remove()
 
     def _enter(self, module: nn.Module, args) -> None:
-        outputs, contexts = self.notes.get()
-        outputs.clear()
+        state = self.notes.get()
+        state.outputs.clear()
+        state.kept.clear()
         ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
         ctx.__enter__()
-        contexts.append(ctx)
+        state.contexts.append(ctx)
 
     def _exit(self, module: nn.Module, args, output) -> None:
-        outputs, contexts = self.notes.get()
-        if contexts:
-            contexts.pop().__exit__(None, None, None)
-        outputs.clear()  # drop the references to this pass's tensors
-        if not contexts:
+        state = self.notes.get()
+        if state.contexts:
+            state.contexts.pop().__exit__(None, None, None)
+        state.outputs.clear()  # drop the references to this pass's tensors
+        state.kept.clear()
+        if not state.contexts:
             self.notes.release()
 
     def _note(self, layer: nn.Module, args, output: torch.Tensor) -> None:
-        outputs, contexts = self.notes.get()
-        if torch.is_grad_enabled() and output.requires_grad and contexts:
-            outputs[output.data_ptr()] = (layer, args[0], output, output._version)
+        state = self.notes.get()
+        if torch.is_grad_enabled() and output.requires_grad and state.contexts:
+            state.outputs[output.data_ptr()] = (layer, args[0], output, output._version)
+
+    def _conv_enter(self, conv: nn.Module, args) -> None:
+        state = self.notes.get()
+        frozen = not any(p.requires_grad for p in conv.parameters(recurse=False))
+        if frozen and state.contexts and torch.is_grad_enabled():
+            state.frozen.append(conv)
+
+    def _conv_exit(self, conv: nn.Module, args, output) -> None:
+        state = self.notes.get()
+        if state.frozen and state.frozen[-1] is conv:
+            state.frozen.pop()
 
     def _pack(self, t: torch.Tensor):
-        entry = self.notes.get()[0].get(t.data_ptr())
+        state = self.notes.get()
+        storage = t.untyped_storage().data_ptr()
+        if state.frozen and t.requires_grad and storage not in state.kept:
+            # saved by a frozen conv (its weights do not require grad, so this is its input) and kept by nothing
+            # before it (e.g. a ReLU keeps its output anyway): the input gradient needs only the layout
+            return _Layout(t.shape, t.stride(), t.dtype, t.device)
+        entry = state.outputs.get(t.data_ptr())
         if entry is not None:
             layer, x, y, version = entry
             # the very tensor the layer returned, unchanged since: same view of the same memory, same version
             if t.shape == y.shape and t.stride() == y.stride() and t.dtype == y.dtype and t._version == version:
                 return _Recompute(layer, x, t.dtype)
+        state.kept.add(storage)
         return t
 
     @staticmethod
     def _unpack(saved):
-        if isinstance(saved, _Recompute):
+        if isinstance(saved, (_Recompute, _Layout)):
             with torch.no_grad():
                 return saved()
         return saved
 
 
 def set_memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
-    """Train an attached model without keeping the reprogramming layers' outputs for backward (recomputed instead).
+    """Train an attached model without keeping the reprogramming layers' outputs or the frozen convs' inputs.
 
-    Saves one feature map per reprogramming layer in training memory, for one depthwise conv per layer in backward;
-    outputs and gradients are unchanged. No effect in inference (nothing is saved without gradients). Turning it on
-    twice is a no-op; ``enabled=False`` turns it off. :func:`clr_timm.detach` turns it off too.
+    Saves one feature map per reprogramming layer in training memory, for one depthwise conv per layer in backward,
+    and the input of every frozen conv that nothing else keeps, for an uninitialised allocation in backward; outputs
+    and gradients are unchanged. No effect in inference (nothing is saved without gradients). Turning it on twice is
+    a no-op; ``enabled=False`` turns it off. :func:`clr_timm.detach` turns it off too.
 
     Returns:
         The model.

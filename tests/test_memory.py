@@ -9,6 +9,7 @@ from torch import nn
 
 import clr_timm
 from benchmarks import speed
+from clr_timm import memory
 from clr_timm.layers import CLR_LAYERS
 from tests._models import make_input, make_model
 
@@ -61,6 +62,53 @@ def test_same_gradients_and_less_kept(name, config):
     assert all(torch.equal(a, b) for a, b in zip(plain.state_dict().values(), efficient.state_dict().values()))
 
 
+@pytest.fixture
+def nan_layouts(monkeypatch) -> list:
+    """Backward gets NaN in place of each frozen conv input it no longer keeps: a read would reach the gradients."""
+    made = []
+
+    def nan_filled(layout):
+        made.append(layout.shape)
+        return torch.full(layout.shape, float("nan"), dtype=layout.dtype).as_strided(layout.shape, layout.stride)
+
+    monkeypatch.setattr(memory._Layout, "__call__", nan_filled)
+    return made
+
+
+@pytest.mark.parametrize(
+    ("name", "config", "not_kept"),
+    [
+        # every conv input but one is a ReLU's output, which the ReLU keeps anyway; the one: the max-pool's output
+        ("resnet18", {}, lambda convs: 1),
+        # ReLU6 keeps its input, not its output: every frozen conv but the stem (its input, the image, needs no grad)
+        ("tf_efficientnet_lite0", {"depthwise": "scale"}, lambda convs: convs - 1),
+    ],
+)
+def test_no_frozen_conv_reads_the_input_it_no_longer_keeps(name, config, not_kept, nan_layouts):
+    plain = _perturbed(name, **config)
+    efficient = clr_timm.set_memory_efficient(copy.deepcopy(plain))
+    x = make_input(4)
+    _, grads_a, _ = _step(plain, x)
+    _, grads_b, _ = _step(efficient, x)
+    frozen_convs = [m for m in plain.modules() if isinstance(m, nn.Conv2d) and not m.weight.requires_grad]
+    assert len(nan_layouts) == not_kept(len(frozen_convs))
+    assert grads_a.keys() == grads_b.keys()
+    for k in grads_a:
+        assert torch.equal(grads_a[k], grads_b[k]), k
+
+
+def test_a_conv_the_caller_unfroze_keeps_its_input(nan_layouts):
+    plain = _perturbed("resnet18")
+    plain.layer3[0].conv1.weight.requires_grad_(True)  # trained along with the adapter: needs its input
+    efficient = clr_timm.set_memory_efficient(copy.deepcopy(plain))
+    x = make_input(4)
+    _, grads_a, _ = _step(plain, x)
+    _, grads_b, _ = _step(efficient, x)
+    assert "layer3.0.conv1.weight" in grads_b and nan_layouts
+    for k in grads_a:
+        assert torch.equal(grads_a[k], grads_b[k]), k
+
+
 def test_an_output_changed_in_place_after_being_saved_is_kept_as_is():
     torch.manual_seed(0)
 
@@ -96,6 +144,7 @@ def _perturbed_custom(model: nn.Module) -> nn.Module:
 def test_off_detach_errors_and_copies():
     model = _perturbed("resnet18")
     hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
+    every = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
     clr_timm.set_memory_efficient(model)
     clr_timm.set_memory_efficient(model)  # twice: still one set of hooks
     assert clr_timm.is_memory_efficient(model) and len(model._forward_pre_hooks) == hooks[0] + 1
@@ -104,6 +153,7 @@ def test_off_detach_errors_and_copies():
     assert not clr_timm.is_memory_efficient(model)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
     assert not any(m._forward_hooks for m in model.modules() if isinstance(m, clr_timm.CLRConv2d))
+    assert every == {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
     clr_timm.set_memory_efficient(model)
     clr_timm.detach(model)
     assert not clr_timm.is_memory_efficient(model)
