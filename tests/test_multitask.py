@@ -172,9 +172,10 @@ def test_a_mixed_batch_equals_each_sample_run_alone_with_its_task(name):
     assert (mixed[0][:3] - _out(mt, x[:1], task="c")[0][:3]).abs().max() > 1e-3
 
 
-def test_a_mixed_batch_in_float32_matches_to_float32_precision():
-    mt = _mt("resnet18")
-    x = make_input(batch=6, size=64)
+@pytest.mark.parametrize("layout", [torch.contiguous_format, torch.channels_last])  # two per-sample BatchNorm paths
+def test_a_mixed_batch_in_float32_matches_to_float32_precision(layout):
+    mt = _mt("resnet18").to(memory_format=layout)
+    x = make_input(batch=6, size=64).contiguous(memory_format=layout)
     tasks = ["c", "a", "b", "a", "c", "b"]
     mixed = _out(mt, x, tasks=tasks)
     for i, task in enumerate(tasks):
