@@ -7,7 +7,9 @@
    (captured once), and summed over layers: the time the added operators cost if nothing else changed. Next to it:
    the BatchNorms that ``clr_timm.fuse`` folds into those convs, timed the same way, the added multiply-accumulates
    as a share of the model's, and the measured end-to-end ratios (interleaved medians, as in speed.py). The floor of
-   CLR / plain is ``1 + CLR ops / plain``; of fused / plain, ``1 + (CLR ops - folded BatchNorms) / plain``.
+   CLR / plain is ``1 + CLR ops / plain``; of fused / plain, ``1 + (CLR ops - folded BatchNorms) / plain``. Both
+   again with the operators timed where they run, inside the model's own forward passes (hooks): on CPU a
+   memory-bound operator costs more there than alone on a warm input.
 2. Training memory (batch 32). The bytes autograd saves for backward, grouped by the kind of module that saved them,
    plus gradients and AdamW state, for full fine-tuning and for CLR. A method that trains the norm layers must keep
    every norm layer's input (its weight gradient needs it), so full fine-tuning's saved activations less the ones only
@@ -29,6 +31,7 @@ import copy
 import json
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 import torch
@@ -96,6 +99,31 @@ def _captured_ops(model: nn.Module, x: torch.Tensor) -> tuple[list, list]:
     return clr_ops, bn_ops
 
 
+class _InModel:
+    """Wall time spent inside some modules during a model's own forward passes (forward pre- and post-hooks).
+
+    Unlike an operator timed alone on a captured input (warm caches, its output buffer freshly freed and reused),
+    this is what the operators cost where they run: after the conv that produced their input, with the model's
+    allocations around them.
+    """
+
+    def __init__(self, modules: list[nn.Module]) -> None:
+        self.seconds, self.calls, self._start = 0.0, 0, 0.0
+        self.handles = [
+            h for m in modules for h in (m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post))
+        ]
+
+    def _pre(self, module: nn.Module, args) -> None:
+        self._start = time.perf_counter()
+
+    def _post(self, module: nn.Module, args, output) -> None:
+        self.seconds += time.perf_counter() - self._start
+
+    def remove(self) -> None:
+        for h in self.handles:
+            h.remove()
+
+
 def profile_inference(name: str, batch: int, size: int, layout: str, reps: int) -> dict:
     fmt = torch.channels_last if layout == "channels_last" else torch.contiguous_format
     plain = build(name, torch.device("cpu")).to(memory_format=fmt)
@@ -106,12 +134,26 @@ def profile_inference(name: str, batch: int, size: int, layout: str, reps: int) 
     clr = clr.to(memory_format=fmt)
     macs, clr_macs = _macs(clr, x[:1])
     clr_ops, bn_ops = _captured_ops(clr, x)
+    names = {id(m): n for n, m in clr.named_modules()}
+    clr_names, bn_names = [names[id(m)] for m, _ in clr_ops], [names[id(m)] for m, _ in bn_ops]
     with torch.no_grad():
         clr_ms = sum(_median_ms(lambda m=m, i=i: m(i), reps) for m, i in clr_ops)
         bn_ms = sum(_median_ms(lambda m=m, i=i: m(i), reps) for m, i in bn_ops)
         t = interleaved(
             {"plain": lambda: plain(x), "clr": lambda: clr(x), "fused": lambda: fused(x)}, reps, 2, x.device
         )
+        # the same three passes again, timing the added and the folded modules where they run
+        timers = {
+            "clr": _InModel([clr.get_submodule(n) for n in clr_names]),
+            "bn": _InModel([plain.get_submodule(n) for n in bn_names]),
+            "fused_clr": _InModel([fused.get_submodule(n) for n in clr_names]),
+            "fused_bn": _InModel([fused.get_submodule(n) for n in bn_names]),  # the activation is all that is left
+        }
+        passes = reps + 2
+        interleaved({"plain": lambda: plain(x), "clr": lambda: clr(x), "fused": lambda: fused(x)}, reps, 2, x.device)
+        for timer in timers.values():
+            timer.remove()
+        in_model = {k: 1e3 * timer.seconds / passes for k, timer in timers.items()}
     plain_ms = 1e3 * t["plain"]
     return {
         "model": name,
@@ -124,6 +166,10 @@ def profile_inference(name: str, batch: int, size: int, layout: str, reps: int) 
         "folded_bn_ms": bn_ms,
         "clr_floor": 1 + clr_ms / plain_ms,
         "fused_floor": 1 + (clr_ms - bn_ms) / plain_ms,
+        "clr_ops_in_model_ms": in_model["clr"],
+        "folded_bn_in_model_ms": in_model["bn"] - in_model["fused_bn"],
+        "clr_floor_in_model": 1 + in_model["clr"] / plain_ms,
+        "fused_floor_in_model": 1 + (in_model["fused_clr"] - (in_model["bn"] - in_model["fused_bn"])) / plain_ms,
         "clr_measured": t["clr"] / t["plain"],
         "fused_measured": t["fused"] / t["plain"],
     }
@@ -259,17 +305,25 @@ def profile_load(name: str, reps: int) -> dict:
 
 
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}", "", "**Inference: the added operators, timed alone**", ""]
+    lines = [f"Machine: {results['machine']}", "", "**Inference: the added operators, timed alone and in the model**"]
     lines += [
-        "| model | batch | layout | CLR layers | extra MACs | plain ms | CLR convs alone ms | folded BNs alone ms "
-        "| CLR / plain floor | measured | fused / plain floor | measured |",
+        "",
+        "*Alone*: each operator on its captured input, summed. *In model*: the time spent inside those modules during "
+        "the model's own forward passes (hooks; for the folded BatchNorms, plain minus what the fused model still "
+        "spends in them, its activation). Floor = 1 + (added - folded) / plain.",
+        "",
+        "| model | batch | layout | CLR layers | extra MACs | plain ms | CLR convs alone / in model ms "
+        "| folded BNs alone / in model ms | CLR / plain floor alone / in model | measured "
+        "| fused / plain floor alone / in model | measured |",
         "|---|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for r in results["inference"]:
         lines.append(
             f"| {r['model']} | {r['batch']} | {r['layout']} | {r['clr_layers']} | {r['extra_macs_percent']:.2f}% | "
-            f"{r['plain_ms']:.1f} | {r['clr_ops_ms']:.2f} | {r['folded_bn_ms']:.2f} | {r['clr_floor']:.3f}x | "
-            f"{r['clr_measured']:.3f}x | {r['fused_floor']:.3f}x | {r['fused_measured']:.3f}x |"
+            f"{r['plain_ms']:.1f} | {r['clr_ops_ms']:.2f} / {r['clr_ops_in_model_ms']:.2f} | "
+            f"{r['folded_bn_ms']:.2f} / {r['folded_bn_in_model_ms']:.2f} | "
+            f"{r['clr_floor']:.3f}x / {r['clr_floor_in_model']:.3f}x | {r['clr_measured']:.3f}x | "
+            f"{r['fused_floor']:.3f}x / {r['fused_floor_in_model']:.3f}x | {r['fused_measured']:.3f}x |"
         )
     if results.get("training_time"):
         lines += ["", "**Training step time (ms, interleaved medians) and its ratio to full fine-tuning**", ""]

@@ -48,6 +48,7 @@ def test_profile_benchmark_times_the_added_operators_and_breaks_memory_down(tmp_
     inference = results["inference"][0]
     assert inference["clr_layers"] == 17  # resnet18: the 7x7 stem and the sixteen 3x3 convs of its blocks
     assert 0 < inference["extra_macs_percent"] < 5 and inference["clr_ops_ms"] > 0 and inference["folded_bn_ms"] > 0
+    assert inference["clr_ops_in_model_ms"] > 0 and inference["fused_floor_in_model"] > 0
     memory = results["training"][0]
     assert memory["clr"]["saved_mb"]["CLR layers (their inputs)"] > 0
     assert memory["clr_memory_efficient"]["total_mb"] < memory["clr"]["total_mb"] < memory["full_ft"]["total_mb"]
