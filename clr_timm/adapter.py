@@ -26,6 +26,7 @@ from .attach import (
     _adapter_tensors,
     _key,
     _named_tensors,
+    _refuse_fused,
     _state,
     attach,
     current_plan,
@@ -461,6 +462,7 @@ def load_adapter(
         The model. On any error the model is left exactly as it was.
     """
     _check_task_name(task)
+    _refuse_fused(model, "loading an adapter into it")
     adapter = read_adapter(_resolve(source, task, hub_kwargs))
     was_attached = is_attached(model)
     tensors = _named_tensors(model)  # one walk, shared by the fingerprint, the backup and the copy

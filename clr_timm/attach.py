@@ -39,6 +39,7 @@ __all__ = [
 
 CLR_ATTR = "clr"
 _STATE_ATTR = "_clr_state"
+_FUSED_ATTR = "_clr_fused"  # set by clr_timm.fuse
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _NORM_CLASS_NAME = re.compile(r"Norm(Act|Tlu)?(\d+d)?([BS]\d+a?)?(Fp32)?$")
@@ -283,6 +284,12 @@ def _state(model: nn.Module) -> _CLRState:
     return state
 
 
+def _refuse_fused(model: nn.Module, action: str) -> None:
+    """Folded copies of the adapter would go stale if the adapter changed under them."""
+    if getattr(model, _FUSED_ATTR, None) is not None:
+        raise CLRError(f"the model is fused (clr_timm.fuse): call clr_timm.unfuse(model) before {action}")
+
+
 def is_attached(model: nn.Module) -> bool:
     """Whether :func:`attach` has been applied to ``model`` (and not undone by :func:`detach`)."""
     return getattr(model, _STATE_ATTR, None) is not None
@@ -422,6 +429,7 @@ def reset_adapter(model: nn.Module, num_classes: int | None = None) -> nn.Module
         num_classes: When given, a freshly initialised head for this many classes.
     """
     state = _state(model)
+    _refuse_fused(model, "resetting its adapter")
     _restore_base(model, state)
     for layer in model.modules():
         if isinstance(layer, CLR_LAYERS):
@@ -435,9 +443,14 @@ def reset_adapter(model: nn.Module, num_classes: int | None = None) -> nn.Module
 def detach(model: nn.Module) -> nn.Module:
     """Remove CLR: the model is then bit-identical, in state and outputs, to the model before :func:`attach`.
 
-    The adapter's norm and head values are restored to the originals too: save the adapter first to keep it.
+    The adapter's norm and head values are restored to the originals too: save the adapter first to keep it. A fused
+    model is unfused first.
     """
     state = _state(model)
+    if getattr(model, _FUSED_ATTR, None) is not None:
+        from .fuse import unfuse  # fuse builds on this module
+
+        unfuse(model)
     set_memory_efficient(model, False)
     modules = dict(model.named_modules())
     for name in state.targets:

@@ -23,13 +23,11 @@ import functools
 import torch
 from torch import nn
 
-from .attach import CLR_ATTR, _state
+from .attach import _FUSED_ATTR, CLR_ATTR, _state
 from .errors import CLRError
 from .layers import CLR_LAYERS, CLRScale, conv_computations
 
 __all__ = ["fuse", "unfuse", "is_fused"]
-
-_FUSED_ATTR = "_clr_fused"
 
 
 def _folded_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:

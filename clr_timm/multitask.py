@@ -60,7 +60,7 @@ from .adapter import (
     read_adapter,
     save_adapter,
 )
-from .attach import _adapter_tensors, _state, attach, current_plan, is_attached
+from .attach import _adapter_tensors, _refuse_fused, _state, attach, current_plan, is_attached
 from .config import CLRConfig
 from .errors import AdapterMismatchError, CLRError
 from .layers import CLRConv2d, CLRScale
@@ -441,6 +441,7 @@ class MultiTaskModel(nn.Module):
     ) -> None:
         super().__init__()
         self._lock = threading.RLock()
+        _refuse_fused(model, "serving it as a MultiTaskModel")
         if is_attached(model) and config is not None and config != _state(model).config:
             raise AdapterMismatchError(
                 f"the model is attached with {_state(model).config}, not {config}; call clr_timm.detach(model) first"

@@ -89,3 +89,30 @@ def test_fuse_refuses_train_mode_and_a_fused_model_refuses_to_train():
         clr_timm.fuse(model)
     with pytest.raises(clr_timm.CLRError, match="unfuse"):
         model.train()(make_input())
+
+
+def test_a_fused_model_refuses_a_new_adapter_and_detach_unfuses_it(tmp_path):
+    model = _trained("resnet18")
+    x = make_input()
+    other = clr_timm.save_adapter(_trained("resnet18"), tmp_path / "other.safetensors")
+    clr_timm.fuse(model, example_input=x)
+    before = state_copy(model)
+    with torch.no_grad():
+        fused = model(x)
+    for action, match in [
+        (lambda: clr_timm.load_adapter(model, other), "unfuse.*loading"),
+        (lambda: clr_timm.reset_adapter(model), "unfuse.*resetting"),
+        (lambda: clr_timm.MultiTaskModel(model), "unfuse.*MultiTaskModel"),
+    ]:
+        with pytest.raises(clr_timm.CLRError, match=match):
+            action()
+        assert_state_equal(before, state_copy(model))  # folded buffers would have gone stale: nothing changed
+        with torch.no_grad():
+            assert torch.equal(model(x), fused)
+    plain = make_model("resnet18").eval()
+    with torch.no_grad():
+        expected = plain(x)
+    clr_timm.detach(model)
+    assert not clr_timm.is_fused(model) and not clr_timm.is_attached(model)
+    with torch.no_grad():
+        assert torch.equal(model(x), expected)
