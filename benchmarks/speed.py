@@ -288,63 +288,66 @@ def _timed(fn: Callable[[], object]) -> float:
     return time.perf_counter() - t
 
 
+def _table(header: str, rows: list[str]) -> list[str]:
+    """A markdown table (after a blank line), or nothing when a figure was not run (``--only``)."""
+    if not rows:
+        return []
+    return ["", header, "|---|" + "---:|" * (header.count("|") - 2), *rows]
+
+
 def markdown(results: dict) -> str:
-    lines = [f"Machine: {results['machine']}", ""]
-    lines += [
-        "| model | batch | layout | plain ms | CLR ms | CLR / plain | fused ms | fused / plain "
-        "| fused vs unfused (rel.) |",
-        "|---|---:|---|---:|---:|---:|---:|---:|---:|",
-    ]
+    lines = [f"Machine: {results['machine']}"]
+    rows = []
     for r in results["inference"]:
         for suffix, layout in (("", "NCHW"), ("_cl", "channels_last")):
-            lines.append(
+            rows.append(
                 f"| {r['model']} | {r['batch']} | {layout} | {r[f'plain{suffix}_ms']:.1f} | "
                 f"{r[f'clr{suffix}_ms']:.1f} | "
                 f"{r[f'clr{suffix}_ratio']:.3f}x | {r[f'fused{suffix}_ms']:.1f} | {r[f'fused{suffix}_ratio']:.3f}x | "
                 f"{r['fused_rel_diff']:.1e} |"
             )
-    scaled = [r for r in results["inference"] if "scale_ratio" in r]
-    if scaled:
-        lines += [
-            "",
-            'With `depthwise="scale"` (models with depthwise convs):',
-            "",
-            "| model | batch | layout | plain ms | scale ms | scale / plain | fused ms | fused / plain |",
-            "|---|---:|---|---:|---:|---:|---:|---:|",
-        ]
-        for r in scaled:
-            for suffix, layout in (("", "NCHW"), ("_cl", "channels_last")):
-                lines.append(
-                    f"| {r['model']} | {r['batch']} | {layout} | {r[f'plain{suffix}_ms']:.1f} | "
-                    f"{r[f'scale{suffix}_ms']:.1f} | {r[f'scale{suffix}_ratio']:.3f}x | "
-                    f"{r[f'scale_fused{suffix}_ms']:.1f} | {r[f'scale_fused{suffix}_ratio']:.3f}x |"
-                )
-    lines += [
-        "",
+    lines += _table(
+        "| model | batch | layout | plain ms | CLR ms | CLR / plain | fused ms | fused / plain "
+        "| fused vs unfused (rel.) |",
+        rows,
+    )
+    rows = []
+    for r in [r for r in results["inference"] if "scale_ratio" in r]:
+        for suffix, layout in (("", "NCHW"), ("_cl", "channels_last")):
+            rows.append(
+                f"| {r['model']} | {r['batch']} | {layout} | {r[f'plain{suffix}_ms']:.1f} | "
+                f"{r[f'scale{suffix}_ms']:.1f} | {r[f'scale{suffix}_ratio']:.3f}x | "
+                f"{r[f'scale_fused{suffix}_ms']:.1f} | {r[f'scale_fused{suffix}_ratio']:.3f}x |"
+            )
+    if rows:
+        lines += ["", 'With `depthwise="scale"` (models with depthwise convs):']
+    lines += _table("| model | batch | layout | plain ms | scale ms | scale / plain | fused ms | fused / plain |", rows)
+    rows = [
+        f"| {r['model']} | {r['batch']} | {r['full_ft_ms']:.0f} | {r['clr_ms']:.0f} | "
+        f"{r['clr_memory_efficient_ms']:.0f} | {r['linear_probe_ms']:.0f} | {r['clr_time_ratio']:.3f}x | "
+        f"{r['clr_memory_ratio']:.3f}x | {r['clr_memory_efficient_time_ratio']:.3f}x | "
+        f"{r['clr_memory_efficient_memory_ratio']:.3f}x | {r['linear_probe_memory_ratio']:.3f}x |"
+        for r in results["training"]
+    ]
+    lines += _table(
         "| model | batch | full FT ms | CLR ms | CLR mem-eff ms | probe ms | CLR / full FT time | memory "
         "| CLR mem-eff / full FT time | memory | probe / full FT memory |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        rows,
+    )
+    rows = [
+        f"| {r['model']} | {r['batch']} | {r['single_ms']:.1f} | {r['mixed_ms']:.1f} | {r['loop_ms']:.1f} | "
+        f"{r['mixed_vs_single']:.3f}x | {r['loop_vs_single']:.3f}x |"
+        for r in results["mixed"]
     ]
-    for r in results["training"]:
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['full_ft_ms']:.0f} | {r['clr_ms']:.0f} | "
-            f"{r['clr_memory_efficient_ms']:.0f} | {r['linear_probe_ms']:.0f} | {r['clr_time_ratio']:.3f}x | "
-            f"{r['clr_memory_ratio']:.3f}x | {r['clr_memory_efficient_time_ratio']:.3f}x | "
-            f"{r['clr_memory_efficient_memory_ratio']:.3f}x | {r['linear_probe_memory_ratio']:.3f}x |"
-        )
-    lines += [
-        "",
+    lines += _table(
         "| model | batch | single-task ms | mixed 8 tasks ms | per-task loop ms | mixed / single | loop / single |",
-        "|---|---:|---:|---:|---:|---:|---:|",
+        rows,
+    )
+    rows = [
+        f"| {r['model']} | {r['load_adapter_ms']:.2f} | {r['set_task_ms']:.3f} | {r['attach_ms']:.1f} |"
+        for r in results["overheads"]
     ]
-    for r in results["mixed"]:
-        lines.append(
-            f"| {r['model']} | {r['batch']} | {r['single_ms']:.1f} | {r['mixed_ms']:.1f} | {r['loop_ms']:.1f} | "
-            f"{r['mixed_vs_single']:.3f}x | {r['loop_vs_single']:.3f}x |"
-        )
-    lines += ["", "| model | load adapter ms | switch task ms | attach ms |", "|---|---:|---:|---:|"]
-    for r in results["overheads"]:
-        lines.append(f"| {r['model']} | {r['load_adapter_ms']:.2f} | {r['set_task_ms']:.3f} | {r['attach_ms']:.1f} |")
+    lines += _table("| model | load adapter ms | switch task ms | attach ms |", rows)
     return "\n".join(lines)
 
 
@@ -353,7 +356,7 @@ def machine_description(device: torch.device, size: int) -> str:
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or platform.machine()
     return (
         f"{name}, {os.cpu_count()} CPUs, torch {torch.__version__} ({torch.get_num_threads()} threads), "
-        f"timm {timm.__version__}, {size} px"
+        f"timm {timm.__version__}, {size} px, OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}"
     )
 
 
