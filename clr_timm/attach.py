@@ -40,6 +40,7 @@ __all__ = [
 CLR_ATTR = "clr"
 _STATE_ATTR = "_clr_state"
 _FUSED_ATTR = "_clr_fused"  # set by clr_timm.fuse
+_MULTITASK_ATTR = "_clr_multitask"  # set on the model a MultiTaskModel serves
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _NORM_CLASS_NAME = re.compile(r"Norm(Act|Tlu)?(\d+d)?([BS]\d+a?)?(Fp32)?$")

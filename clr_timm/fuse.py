@@ -18,14 +18,12 @@ except on the one-pixel border, where the zero padding of the intermediate map d
 
 from __future__ import annotations
 
-import functools
-
 import torch
 from torch import nn
 
-from .attach import _FUSED_ATTR, CLR_ATTR, _state
+from .attach import _FUSED_ATTR, _MULTITASK_ATTR, CLR_ATTR, _state
 from .errors import CLRError
-from .layers import CLR_LAYERS, CLRScale, conv_computations
+from .layers import CLR_LAYERS, CLRScale, InstanceForward, conv_computations
 
 __all__ = ["fuse", "unfuse", "is_fused"]
 
@@ -118,6 +116,12 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: floa
         CLRError: If the model is not attached, is in train mode, is already fused, or the fused outputs differ.
     """
     _state(model)
+    if getattr(model, _MULTITASK_ATTR, False):
+        raise CLRError(
+            "this model is served by a MultiTaskModel, whose tasks share it: fusing would fold the current task's "
+            "adapter into it under every task. Fuse a single-task model instead (clr_timm.load_adapter into a plain "
+            "model, or mt.save_task and load that)"
+        )
     if model.training:
         raise CLRError("fuse is for inference: call model.eval() first")
     if is_fused(model):
@@ -139,7 +143,7 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: floa
             shape = (-1, 1, 1, 1) if layer.weight.dim() == 4 else (-1,)
             layer.register_buffer("fused_weight", layer.weight * scale.reshape(shape), persistent=False)
             layer.register_buffer("fused_bias", shift.to(layer.weight.dtype), persistent=False)
-            norm.forward = functools.partial(_folded_norm_forward, norm)
+            norm.forward = InstanceForward(_folded_norm_forward, norm)  # holds the norm weakly: no cycle
         convs = _fold_scales_into_convs(modules)
     setattr(model, _FUSED_ATTR, (pairs, convs))
     with torch.no_grad():
@@ -173,7 +177,7 @@ def _fold_scales_into_convs(modules: dict[str, nn.Module]) -> list[str]:
             b = b + conv.bias * scale.to(conv.weight.dtype)
         layer.register_buffer("fused_conv_weight", w, persistent=False)
         layer.register_buffer("fused_conv_bias", b, persistent=False)
-        conv.forward = functools.partial(_folded_conv_forward, conv, compute)
+        conv.forward = InstanceForward(_folded_conv_forward, conv, compute)
         folded.append(name)
     return folded
 

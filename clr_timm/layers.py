@@ -7,6 +7,10 @@ before. ``CLRScale`` is the cheap alternative for the output of depthwise convs:
 
 from __future__ import annotations
 
+import copy
+import weakref
+from collections.abc import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -106,3 +110,26 @@ def _same_conv(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tenso
     from timm.layers.conv2d_same import conv2d_same
 
     return conv2d_same(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
+
+
+class InstanceForward:
+    """A ``forward`` set on one module instance: calls ``fn(module, *extra, *args, **kwargs)``.
+
+    It holds the module weakly, so that module -> ``__dict__`` -> forward -> module is no reference cycle (a deleted
+    model is freed at once, not at the next garbage collection), and a deep copy or a pickle of the module gets a
+    forward bound to the copy.
+    """
+
+    def __init__(self, fn: Callable, module: nn.Module, *extra) -> None:
+        self.fn, self.extra = fn, extra
+        self._module = weakref.ref(module)
+
+    def __call__(self, *args, **kwargs):
+        return self.fn(self._module(), *self.extra, *args, **kwargs)
+
+    def __deepcopy__(self, memo: dict) -> InstanceForward:
+        module = copy.deepcopy(self._module(), memo)
+        return InstanceForward(copy.deepcopy(self.fn, memo), module, *copy.deepcopy(self.extra, memo))
+
+    def __reduce__(self):
+        return InstanceForward, (self.fn, self._module(), *self.extra)

@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .errors import CLRError
-from .layers import CLR_LAYERS, CLRConv2d, conv_computations
+from .layers import CLR_LAYERS, CLRConv2d, InstanceForward, conv_computations
 
 __all__ = ["is_memory_efficient", "set_memory_efficient"]
 
@@ -70,7 +70,7 @@ class _Pass:
     """One thread's state for the forward pass in progress."""
 
     outputs: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
-    contexts: list = field(default_factory=list)  # the saved-tensor hooks contexts entered (nested model calls)
+    contexts: list = field(default_factory=list)  # the model calls in progress (more than one if nested)
     frozen: list[nn.Module] = field(default_factory=list)  # the frozen convs whose forward is running
     kept: set[int] = field(default_factory=set)  # storages autograd keeps as they are (by data pointer)
 
@@ -88,63 +88,85 @@ class _Notes:
     def get(self) -> _Pass:
         return self._threads.setdefault(threading.get_ident(), _Pass())
 
+    def peek(self) -> _Pass | None:
+        """This thread's state if a forward pass of the model is in progress in it (creates nothing)."""
+        return self._threads.get(threading.get_ident())
+
     def release(self) -> None:
         self._threads.pop(threading.get_ident(), None)
 
 
+def _frozen(conv: nn.Module) -> bool:
+    """No tensor of the conv's own computation requires grad (its reprogramming layer, a child, does not count).
+
+    Parameters under the conv (e.g. a ``torch.nn.utils.parametrize`` parametrization such as LoRA) count.
+    """
+    return not any(
+        p.requires_grad for m in conv.modules() if not isinstance(m, CLR_LAYERS) for p in m.parameters(recurse=False)
+    )
+
+
 class _MemoryEfficient:
-    """The hooks one model carries while memory-efficient training is on."""
+    """What one model carries while memory-efficient training is on: forward wrappers and one hook per CLR layer.
+
+    The model's forward and each conv's forward are wrapped on the instance rather than hooked, so that their state
+    is undone in a ``finally`` clause: a KeyboardInterrupt skips even ``always_call`` hooks, and a mark left on would
+    apply to every tensor saved afterwards in the thread. For a conv the wrapper also bounds the marked region to the
+    conv's own computation, not whatever other hooks run around it.
+    """
 
     def __init__(self, model: nn.Module) -> None:
         self.notes = _Notes()
-        self.handles = [
-            model.register_forward_pre_hook(self._enter),
-            model.register_forward_hook(self._exit, always_call=True),
-        ]
-        self.handles += [m.register_forward_hook(self._note) for m in model.modules() if isinstance(m, CLR_LAYERS)]
+        self.handles = [m.register_forward_hook(self._note) for m in model.modules() if isinstance(m, CLR_LAYERS)]
+        # wrappers hold their module weakly and this object holds none: no reference cycle through the model
+        model.__dict__["forward"] = InstanceForward(self._model_forward, model, model.__dict__.get("forward"))
         convs = conv_computations()
-        for m in model.modules():
-            if type(m).forward in convs:
-                self.handles.append(m.register_forward_pre_hook(self._conv_enter))
-                # prepended: the conv's reprogramming layer runs in a later forward hook, outside the marked region
-                self.handles.append(m.register_forward_hook(self._conv_exit, prepend=True, always_call=True))
+        for conv in model.modules():
+            if conv is not model and type(conv).forward in convs and "forward" not in conv.__dict__:
+                conv.__dict__["forward"] = InstanceForward(self._conv_forward, conv)
 
-    def remove(self) -> None:
+    def remove(self, model: nn.Module) -> None:
         for h in self.handles:
             h.remove()
+        for module in model.modules():
+            forward = module.__dict__.get("forward")
+            if isinstance(forward, InstanceForward) and getattr(forward.fn, "__self__", None) is self:
+                before = forward.extra[0] if forward.extra else None  # the model's own instance forward, if any
+                if before is None:
+                    del module.__dict__["forward"]
+                else:
+                    module.__dict__["forward"] = before
 
-    def _enter(self, module: nn.Module, args) -> None:
+    def _model_forward(self, model: nn.Module, before, *args, **kwargs):
         state = self.notes.get()
         state.outputs.clear()
         state.kept.clear()
-        ctx = torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack)
-        ctx.__enter__()
-        state.contexts.append(ctx)
+        forward = before if before is not None else type(model).forward.__get__(model)
+        with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
+            state.contexts.append(model)
+            try:
+                return forward(*args, **kwargs)
+            finally:
+                state.contexts.pop()
+                state.outputs.clear()  # drop the references to this pass's tensors
+                state.kept.clear()
+                if not state.contexts:
+                    self.notes.release()
 
-    def _exit(self, module: nn.Module, args, output) -> None:
-        state = self.notes.get()
-        if state.contexts:
-            state.contexts.pop().__exit__(None, None, None)
-        state.outputs.clear()  # drop the references to this pass's tensors
-        state.kept.clear()
-        if not state.contexts:
-            self.notes.release()
+    def _conv_forward(self, conv: nn.Module, *args, **kwargs) -> torch.Tensor:
+        state = self.notes.peek()
+        if state is None or not state.contexts or not torch.is_grad_enabled() or not _frozen(conv):
+            return type(conv).forward(conv, *args, **kwargs)
+        state.frozen.append(conv)
+        try:
+            return type(conv).forward(conv, *args, **kwargs)
+        finally:
+            state.frozen.pop()
 
     def _note(self, layer: nn.Module, args, output: torch.Tensor) -> None:
-        state = self.notes.get()
-        if torch.is_grad_enabled() and output.requires_grad and state.contexts:
+        state = self.notes.peek()
+        if state is not None and torch.is_grad_enabled() and output.requires_grad and state.contexts:
             state.outputs[output.data_ptr()] = (layer, args[0], output, output._version)
-
-    def _conv_enter(self, conv: nn.Module, args) -> None:
-        state = self.notes.get()
-        frozen = not any(p.requires_grad for p in conv.parameters(recurse=False))
-        if frozen and state.contexts and torch.is_grad_enabled():
-            state.frozen.append(conv)
-
-    def _conv_exit(self, conv: nn.Module, args, output) -> None:
-        state = self.notes.get()
-        if state.frozen and state.frozen[-1] is conv:
-            state.frozen.pop()
 
     def _pack(self, t: torch.Tensor):
         state = self.notes.get()
@@ -187,7 +209,7 @@ def set_memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
             raise CLRError(f"{type(model).__name__} has no reprogramming layers: call clr_timm.attach(model) first")
         object.__setattr__(model, _ATTR, _MemoryEfficient(model))
     elif not enabled and current is not None:
-        current.remove()
+        current.remove(model)
         object.__delattr__(model, _ATTR)
     return model
 

@@ -60,7 +60,7 @@ from .adapter import (
     read_adapter,
     save_adapter,
 )
-from .attach import _adapter_tensors, _refuse_fused, _state, attach, current_plan, is_attached
+from .attach import _MULTITASK_ATTR, _adapter_tensors, _refuse_fused, _state, attach, current_plan, is_attached
 from .config import CLRConfig
 from .errors import AdapterMismatchError, CLRError
 from .layers import CLRConv2d, CLRScale
@@ -449,6 +449,7 @@ class MultiTaskModel(nn.Module):
         if not is_attached(model):
             attach(model, config)
         self.model = model
+        object.__setattr__(model, _MULTITASK_ATTR, True)  # tells clr_timm.fuse that the tasks share this model
         self.adapters = nn.ModuleDict()
         plan = current_plan(model)
         self.config = plan.config

@@ -116,3 +116,27 @@ def test_a_fused_model_refuses_a_new_adapter_and_detach_unfuses_it(tmp_path):
     assert not clr_timm.is_fused(model) and not clr_timm.is_attached(model)
     with torch.no_grad():
         assert torch.equal(model(x), expected)
+
+
+def test_the_model_a_multitask_model_serves_cannot_be_fused():
+    mt = clr_timm.MultiTaskModel(make_model("resnet18"))
+    mt.add_task("a", 3)
+    mt.set_task("a")
+    with pytest.raises(clr_timm.CLRError, match="MultiTaskModel"):
+        clr_timm.fuse(mt.model.eval(), example_input=make_input())
+    assert not clr_timm.is_fused(mt.model)
+
+
+def test_a_fused_model_is_freed_without_a_garbage_collection():
+    import gc
+    import weakref
+
+    gc.disable()
+    try:
+        model = clr_timm.fuse(_trained("tf_efficientnet_lite0", depthwise="scale"), example_input=make_input())
+        refs = [weakref.ref(m) for m in model.modules() if "forward" in m.__dict__]  # the folded convs and norms
+        assert len(refs) > 10
+        del model
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()

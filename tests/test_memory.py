@@ -1,6 +1,9 @@
 """set_memory_efficient: the same gradients, fewer tensors kept for backward, and nothing left behind when off."""
 
 import copy
+import gc
+import pickle
+import weakref
 
 import pytest
 import torch
@@ -10,17 +13,19 @@ from torch import nn
 import clr_timm
 from benchmarks import speed
 from clr_timm import memory
-from clr_timm.layers import CLR_LAYERS
 from tests._models import make_input, make_model
 
 
 def _perturbed(name: str, **config) -> nn.Module:
+    """Attached, with every trained tensor moved off its initial value: timm zero-initialises the last norm of each
+    ResNet block, which would make every gradient inside the residual branches exactly zero (and any check of them
+    vacuous)."""
     model = clr_timm.attach(make_model(name), clr_timm.CLRConfig(**config) if config else None)
     g = torch.Generator().manual_seed(3)
     with torch.no_grad():
-        for layer in model.modules():
-            if isinstance(layer, CLR_LAYERS):
-                layer.weight.add_(0.05 * torch.randn(layer.weight.shape, generator=g))
+        for p in model.parameters():
+            if p.requires_grad:
+                p.add_(0.05 * torch.randn(p.shape, generator=g))
     return model.train()
 
 
@@ -109,6 +114,66 @@ def test_a_conv_the_caller_unfroze_keeps_its_input(nan_layouts):
         assert torch.equal(grads_a[k], grads_b[k]), k
 
 
+def test_a_conv_with_a_trainable_parametrization_keeps_its_input(nan_layouts):
+    class Delta(nn.Module):  # LoRA-like: the conv's weight plus a trainable low-rank term
+        def __init__(self, w: torch.Tensor) -> None:
+            super().__init__()
+            self.a = nn.Parameter(0.01 * torch.randn(w.shape[0], 2))
+            self.b = nn.Parameter(0.01 * torch.randn(2, w[0].numel()))
+
+        def forward(self, w: torch.Tensor) -> torch.Tensor:
+            return w + (self.a @ self.b).view_as(w)
+
+    plain = _perturbed("resnet18")
+    conv = plain.layer1[0].conv1  # its input, the max-pool's output, is kept by nothing else
+    torch.nn.utils.parametrize.register_parametrization(conv, "weight", Delta(conv.weight))
+    efficient = clr_timm.set_memory_efficient(copy.deepcopy(plain))
+    x = make_input(4)
+    _, grads_a, _ = _step(plain, x)
+    _, grads_b, _ = _step(efficient, x)
+    assert "layer1.0.conv1.parametrizations.weight.0.a" in grads_b
+    for k in grads_a:
+        assert torch.equal(grads_a[k], grads_b[k]), k
+
+
+def test_an_interrupted_forward_leaves_nothing_on(monkeypatch):
+    plain = _perturbed("resnet18")
+    efficient = clr_timm.set_memory_efficient(copy.deepcopy(plain))
+    x = make_input(4)
+    conv_forward = nn.Conv2d._conv_forward
+
+    def interrupted(conv, *args):
+        if conv is efficient.layer2[0].conv1:  # inside a frozen conv, where a step spends most of its time
+            raise KeyboardInterrupt
+        return conv_forward(conv, *args)
+
+    monkeypatch.setattr(nn.Conv2d, "_conv_forward", interrupted)
+    with pytest.raises(KeyboardInterrupt):  # skips even always_call hooks: cleanup must not rely on them
+        efficient(x)
+    monkeypatch.undo()
+    seen = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: seen.append(1) or t, lambda t: t):
+        torch.randn(3, requires_grad=True).exp().sum().backward()
+    assert seen  # our saved-tensor hooks are not left on in this thread
+    _, grads_a, _ = _step(plain, x)
+    _, grads_b, _ = _step(efficient, x)
+    for k in grads_a:
+        assert torch.equal(grads_a[k], grads_b[k]), k
+
+
+def test_no_reference_cycle_keeps_a_deleted_model_alive():
+    gc.disable()  # freed by reference counting alone, not at the next garbage collection
+    try:
+        model = clr_timm.set_memory_efficient(_perturbed("resnet18"))
+        _step(model, make_input(2))
+        refs = [weakref.ref(m) for m in model.modules() if "forward" in m.__dict__]  # the model and its wrapped convs
+        assert len(refs) > 10
+        del model
+        assert all(ref() is None for ref in refs)
+    finally:
+        gc.enable()
+
+
 def test_an_output_changed_in_place_after_being_saved_is_kept_as_is():
     torch.manual_seed(0)
 
@@ -146,14 +211,18 @@ def test_off_detach_errors_and_copies():
     hooks = (len(model._forward_pre_hooks), len(model._forward_hooks))
     every = {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
     clr_timm.set_memory_efficient(model)
-    clr_timm.set_memory_efficient(model)  # twice: still one set of hooks
-    assert clr_timm.is_memory_efficient(model) and len(model._forward_pre_hooks) == hooks[0] + 1
+    wrapped = [n for n, m in model.named_modules() if "forward" in m.__dict__]
+    clr_timm.set_memory_efficient(model)  # twice: still one set of wrappers and hooks
+    assert clr_timm.is_memory_efficient(model)
+    assert wrapped == [n for n, m in model.named_modules() if "forward" in m.__dict__] and "" in wrapped
     copy.deepcopy(model)(make_input(2))  # a deep copy runs
+    pickle.loads(pickle.dumps(model))(make_input(2))  # and a pickled one
     clr_timm.set_memory_efficient(model, False)
     assert not clr_timm.is_memory_efficient(model)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
     assert not any(m._forward_hooks for m in model.modules() if isinstance(m, clr_timm.CLRConv2d))
     assert every == {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
+    assert not any("forward" in m.__dict__ for m in model.modules())
     clr_timm.set_memory_efficient(model)
     clr_timm.detach(model)
     assert not clr_timm.is_memory_efficient(model)
