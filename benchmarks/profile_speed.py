@@ -108,7 +108,7 @@ class _InModel:
     """
 
     def __init__(self, modules: list[nn.Module]) -> None:
-        self.seconds, self.calls, self._start = 0.0, 0, 0.0
+        self.seconds, self._start = 0.0, 0.0
         self.handles = [
             h for m in modules for h in (m.register_forward_pre_hook(self._pre), m.register_forward_hook(self._post))
         ]
@@ -139,9 +139,8 @@ def profile_inference(name: str, batch: int, size: int, layout: str, reps: int) 
     with torch.no_grad():
         clr_ms = sum(_median_ms(lambda m=m, i=i: m(i), reps) for m, i in clr_ops)
         bn_ms = sum(_median_ms(lambda m=m, i=i: m(i), reps) for m, i in bn_ops)
-        t = interleaved(
-            {"plain": lambda: plain(x), "clr": lambda: clr(x), "fused": lambda: fused(x)}, reps, 2, x.device
-        )
+        passes, warmup = {"plain": lambda: plain(x), "clr": lambda: clr(x), "fused": lambda: fused(x)}, 2
+        t = interleaved(passes, reps, warmup, x.device)
         # the same three passes again, timing the added and the folded modules where they run
         timers = {
             "clr": _InModel([clr.get_submodule(n) for n in clr_names]),
@@ -149,11 +148,10 @@ def profile_inference(name: str, batch: int, size: int, layout: str, reps: int) 
             "fused_clr": _InModel([fused.get_submodule(n) for n in clr_names]),
             "fused_bn": _InModel([fused.get_submodule(n) for n in bn_names]),  # the activation is all that is left
         }
-        passes = reps + 2
-        interleaved({"plain": lambda: plain(x), "clr": lambda: clr(x), "fused": lambda: fused(x)}, reps, 2, x.device)
+        interleaved(passes, reps, warmup, x.device)
         for timer in timers.values():
             timer.remove()
-        in_model = {k: 1e3 * timer.seconds / passes for k, timer in timers.items()}
+        in_model = {k: 1e3 * timer.seconds / (reps + warmup) for k, timer in timers.items()}
     plain_ms = 1e3 * t["plain"]
     return {
         "model": name,

@@ -285,9 +285,14 @@ def _state(model: nn.Module) -> _CLRState:
     return state
 
 
+def is_fused(model: nn.Module) -> bool:
+    """Whether :func:`~clr_timm.fuse` has been applied (and not undone by :func:`~clr_timm.unfuse`)."""
+    return getattr(model, _FUSED_ATTR, None) is not None
+
+
 def _refuse_fused(model: nn.Module, action: str) -> None:
     """Folded copies of the adapter would go stale if the adapter changed under them."""
-    if getattr(model, _FUSED_ATTR, None) is not None:
+    if is_fused(model):
         raise CLRError(f"the model is fused (clr_timm.fuse): call clr_timm.unfuse(model) before {action}")
 
 
@@ -448,7 +453,7 @@ def detach(model: nn.Module) -> nn.Module:
     model is unfused first.
     """
     state = _state(model)
-    if getattr(model, _FUSED_ATTR, None) is not None:
+    if is_fused(model):
         from .fuse import unfuse  # fuse builds on this module
 
         unfuse(model)

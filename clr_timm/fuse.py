@@ -21,7 +21,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attach import _FUSED_ATTR, _MULTITASK_ATTR, CLR_ATTR, _state
+from .attach import _FUSED_ATTR, _MULTITASK_ATTR, CLR_ATTR, _state, is_fused
 from .errors import CLRError
 from .layers import CLR_LAYERS, CLRScale, InstanceForward, conv_computations
 
@@ -90,11 +90,6 @@ def _pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
     # A norm called twice on two CLR outputs (shared modules) cannot be folded into both.
     norms = [n for _, n in pairs]
     return [(c, n) for c, n in dict.fromkeys(pairs) if norms.count(n) == 1]
-
-
-def is_fused(model: nn.Module) -> bool:
-    """Whether :func:`fuse` has been applied (and not undone by :func:`unfuse`)."""
-    return getattr(model, _FUSED_ATTR, None) is not None
 
 
 def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: float = 1e-4) -> nn.Module:

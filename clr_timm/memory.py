@@ -76,7 +76,7 @@ class _Pass:
 
 
 class _Notes:
-    """Per thread: the reprogramming outputs of the forward pass in progress (by data pointer) and its hooks context.
+    """Per thread: the state (:class:`_Pass`) of the model's forward pass in progress.
 
     A dict by thread id rather than ``threading.local``, so that a model carrying it can still be deep-copied and
     pickled (it is empty between forward passes).
