@@ -295,8 +295,8 @@ def profile_load(name: str, reps: int) -> dict:
         phases = {
             "read and check the file": lambda: A.read_adapter(path),
             "walk the model (state_dict)": lambda: A._named_tensors(target),
-            "validate shapes and backbone fingerprint": lambda: A._validate(target, adapter, True, tensors),
-            "copy the tensors in": lambda: A._apply(target, adapter, tensors),
+            "validate shapes and backbone fingerprint": lambda: A.validate_adapter(target, adapter, tensors=tensors),
+            "copy the tensors in": lambda: A._copy_in(target, adapter, tensors),
             "load_adapter, all of it": lambda: clr_timm.load_adapter(target, path),
         }
         return {"model": name, **{k: _median_ms(f, reps) for k, f in phases.items()}}

@@ -42,6 +42,7 @@ import torch
 from torch import nn
 
 import clr_timm
+from clr_timm.state import MEMORY_EFFICIENT, find_state
 
 MODELS = ["resnet50", "tf_efficientnet_lite0"]
 
@@ -147,7 +148,8 @@ def count_saved(model: nn.Module, pack: Callable[[torch.Tensor], object]):
     hide the tensors from an outer hook: there only what its hooks let autograd keep reaches ``pack``, not what they
     replace by a recomputation note.
     """
-    hooks = getattr(model, "_clr_memory_efficient", None)
+    state = find_state(model)
+    hooks = state.modes.get(MEMORY_EFFICIENT) if state is not None else None
     inner = hooks._pack if hooks is not None else None
 
     def kept(t: torch.Tensor):

@@ -2,9 +2,15 @@
 
 One frozen backbone serves many tasks; each task owns a tiny adapter (depthwise reprogramming kernels after every
 conv larger than 1x1, its normalisation layers and its head) that never touches another task's.
+
+The top level holds what a training script, a serving script and a new layer kind need. Everything else stays
+importable from its module: the built-in layers (``clr_timm.layers.CLRConv2d``, ``CLRScale``), the file format
+(``clr_timm.adapter``: ``AdapterFile``, ``ADAPTER_FILE``, ``backbone_fingerprint``), the Hub's specific errors
+(``clr_timm.errors``), the task oracles (``clr_timm.multitask.EntropyOracle``) and ``clr_timm.count.ParameterCount``.
+See ARCHITECTURE.md for the layers of the package.
 """
 
-from .adapter import ADAPTER_FILE, AdapterFile, backbone_fingerprint, load_adapter, read_adapter, save_adapter
+from .adapter import read_adapter
 from .attach import (
     adapter_state_dict,
     attach,
@@ -17,74 +23,56 @@ from .attach import (
     resize_head,
 )
 from .config import CLRConfig
-from .count import ParameterCount, count_parameters, print_trainable_parameters
-from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError
+from .count import count_parameters, print_trainable_parameters
+from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError, HubError
 from .fuse import fuse, is_fused, unfuse
-from .hub import (
-    HubAuthError,
-    HubError,
-    HubOfflineError,
-    HubRepoNotFoundError,
-    HubRevisionNotFoundError,
-    TaskNotFoundError,
-    describe,
-    download_adapter,
-    list_tasks,
-    push_folder,
-    push_to_hub,
-    save_pretrained,
-)
-from .layers import CLRConv2d, CLRScale
+from .hub import describe, download_adapter, list_tasks, push_folder
+from .layers import ReprogrammingLayer, register_layer
 from .memory import is_memory_efficient, set_memory_efficient
-from .multitask import EntropyOracle, MultiTaskModel, TaskOracle
+from .multitask import MultiTaskModel
+from .save_load import load_adapter, push_to_hub, save_adapter, save_pretrained
 from .version import __version__
 
 __all__ = [
     "__version__",
+    # attaching and training
     "CLRConfig",
-    "CLRConv2d",
-    "CLRScale",
     "attach",
     "detach",
     "is_attached",
     "get_config",
+    "plan_targets",
     "reset_adapter",
     "resize_head",
     "mark_only_adapter_as_trainable",
     "adapter_state_dict",
-    "plan_targets",
     "count_parameters",
     "print_trainable_parameters",
-    "ParameterCount",
-    "fuse",
-    "unfuse",
-    "is_fused",
     "set_memory_efficient",
     "is_memory_efficient",
+    # one task's adapter: files and the Hub
     "save_adapter",
     "load_adapter",
     "read_adapter",
-    "backbone_fingerprint",
-    "AdapterFile",
-    "ADAPTER_FILE",
     "save_pretrained",
     "push_to_hub",
     "push_folder",
     "list_tasks",
     "download_adapter",
     "describe",
+    # serving
+    "fuse",
+    "unfuse",
+    "is_fused",
     "MultiTaskModel",
-    "EntropyOracle",
-    "TaskOracle",
+    # new reprogramming-layer kinds
+    "ReprogrammingLayer",
+    "register_layer",
+    # errors (the Hub's specific ones: clr_timm.errors)
     "CLRError",
     "ConfigError",
     "AdapterError",
     "AdapterMismatchError",
     "BackboneMismatchError",
     "HubError",
-    "HubRepoNotFoundError",
-    "HubAuthError",
-    "HubRevisionNotFoundError",
-    "TaskNotFoundError",
-    "HubOfflineError",
 ]

@@ -1,12 +1,17 @@
-"""A task's adapter as a small safetensors file: extract, save atomically, validate, load.
+"""The adapter file format: a task's delta as one small safetensors file, written atomically and checked on reading.
 
-The file holds only the task's delta (CLR kernels, per-task norm tensors, head) under the model's own state_dict
-keys, and string metadata that says what it is and which base model it belongs to. Nothing is ever unpickled.
-Loading validates everything against the model before touching a tensor, so a bad file leaves the model as it was.
+The file holds only the task's delta (reprogramming tensors, per-task norm tensors, head) under the model's own
+state_dict keys, and string metadata that says what it is and which base model it belongs to. Nothing is ever
+unpickled. Applying a file to a model validates everything against the model before touching a tensor, so a bad file
+leaves the model as it was.
+
+This module knows files and models only: where a source lives (a folder, the Hub) is decided by
+:mod:`clr_timm.source`, and the verbs ``save_adapter`` / ``load_adapter`` are in :mod:`clr_timm.save_load`.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -24,7 +29,6 @@ from .attach import (
     CLR_ATTR,
     CLRPlan,
     _adapter_tensors,
-    _key,
     _named_tensors,
     _refuse_fused,
     _state,
@@ -34,6 +38,7 @@ from .attach import (
     get_config,
     is_attached,
     plan_targets,
+    reprogramming_shapes,
     resize_head,
 )
 from .config import CLRConfig
@@ -45,9 +50,11 @@ __all__ = [
     "FORMAT_NAME",
     "FORMAT_VERSION",
     "AdapterFile",
-    "save_adapter",
-    "load_adapter",
+    "extract_adapter",
+    "write_adapter",
     "read_adapter",
+    "validate_adapter",
+    "apply_adapter",
     "backbone_fingerprint",
     "base_model_info",
 ]
@@ -62,7 +69,11 @@ _FINGERPRINT_SAMPLES = 64
 
 @dataclass
 class AdapterFile:
-    """An adapter read from disk: its tensors and what its metadata says."""
+    """An adapter: its tensors and what its metadata says, as read from a file or extracted from a model.
+
+    ``path`` is the file it was read from or written to (``""`` for one extracted and not written yet), and
+    ``metadata`` the safetensors metadata exactly as it is (or will be) in the file.
+    """
 
     path: str
     tensors: dict[str, torch.Tensor]
@@ -150,79 +161,81 @@ def _check_task_name(task: str | None) -> None:
         raise CLRError(f"task name must be a non-empty string without slashes, got {task!r}")
 
 
-def save_adapter(
+def _storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
+    if isinstance(dtype, str) and dtype not in _STORAGE_DTYPES:
+        raise AdapterError(f"dtype must be one of {list(_STORAGE_DTYPES)} or a torch float dtype, got {dtype!r}")
+    storage = _STORAGE_DTYPES[dtype] if isinstance(dtype, str) or dtype is None else dtype
+    if storage is not None and storage not in _FLOAT_DTYPES:
+        raise AdapterError(f"dtype must be a floating dtype, got {storage}")
+    return storage
+
+
+# ------------------------------------------------------------------------------------------------------- writing
+
+
+def extract_adapter(
     model: nn.Module,
-    path: str | os.PathLike,
-    dtype: str | torch.dtype | None = None,
     *,
     task: str | None = None,
+    dtype: str | torch.dtype | None = None,
     label_names: list[str] | None = None,
-    overwrite: bool = False,
-) -> Path:
-    """Write the task's adapter of an attached model to a safetensors file, atomically.
+) -> AdapterFile:
+    """The task's adapter of an attached model, in memory (copied to the CPU), with the metadata a file records.
+
+    Nothing is taken from what was loaded before: ``task`` and ``label_names`` are recorded as given, and the model is
+    not changed.
 
     Args:
         model: An attached model.
-        path: Destination file (conventionally ``*.safetensors``).
+        task: Task name to record.
         dtype: Storage dtype of the floating tensors: None keeps the model's, ``"fp16"`` / ``"bf16"`` halve the file.
-        task: Task name recorded in the metadata (defaults to the one the adapter was loaded with, if any).
-        label_names: Class names recorded in the metadata (defaults to the loaded ones, if any).
-        overwrite: Replace an existing file that holds another task's adapter, or that is not an adapter at all.
-            An existing adapter of the same task is always replaced (saving checkpoints during training).
-
-    Returns:
-        The path written. A crash mid-write leaves any previous file intact.
+        label_names: Class names to record.
     """
     state = _state(model)
     _check_task_name(task)
-    path = Path(path)
-    if path.is_dir():
-        raise AdapterError(f"{path} is a directory; give a file path, or use clr_timm.save_pretrained for folders")
-    storage = _STORAGE_DTYPES.get(dtype, dtype) if isinstance(dtype, str) or dtype is None else dtype
-    if isinstance(dtype, str) and dtype not in _STORAGE_DTYPES:
-        raise AdapterError(f"dtype must be one of {list(_STORAGE_DTYPES)} or a torch float dtype, got {dtype!r}")
-    if storage is not None and storage not in _FLOAT_DTYPES:
-        raise AdapterError(f"dtype must be a floating dtype, got {storage}")
-    task = task if task is not None else state.task
-    label_names = list(label_names) if label_names is not None else state.label_names
+    storage = _storage_dtype(dtype)
+    tensors = {k: t for k, t, _ in _adapter_tensors(model, current_plan(model))}
     num_classes = getattr(model, "num_classes", None)
+    label_names = list(label_names) if label_names is not None else None
     if label_names is not None and num_classes is not None and len(label_names) != num_classes:
         raise AdapterError(f"{len(label_names)} label names given for a head of {num_classes} classes")
-    if path.exists() and not overwrite:
-        try:
-            existing = read_adapter(path)
-        except AdapterError as e:
-            raise AdapterError(f"{path} exists and is not a clr_timm adapter; pass overwrite=True to replace it") from e
-        if existing.task != task:
-            raise AdapterError(
-                f"{path} holds the adapter of task {existing.task!r}, not {task!r}; pass overwrite=True to replace it"
-            )
-    tensors = {}
-    for k, t in adapter_tensors_for_saving(model).items():
+    copies = {}
+    for k, t in tensors.items():
         t = t.detach().to("cpu")
         if storage is not None and t.is_floating_point():
             t = t.to(storage)
-        tensors[k] = t.contiguous().clone()
-    info = base_model_info(model)
-    metadata = {
+        copies[k] = t.contiguous().clone()
+    adapter = AdapterFile(
+        path="",
+        tensors=copies,
+        config=state.config,
+        num_classes=num_classes,
+        **{k: v or None for k, v in base_model_info(model).items()},
+        backbone_fingerprint=backbone_fingerprint(model),
+        task=task,
+        label_names=label_names,
+        versions=_versions(),
+    )
+    adapter.metadata = _metadata(adapter)
+    return adapter
+
+
+def _metadata(adapter: AdapterFile) -> dict[str, str]:
+    """The safetensors metadata that records an adapter's fields (all strings, JSON where not plain text)."""
+    return {
         "format": "pt",
         "clr_format": FORMAT_NAME,
         "clr_format_version": str(FORMAT_VERSION),
-        "config": state.config.to_json(),
-        "num_classes": json.dumps(num_classes),
-        "label_names": json.dumps(label_names),
-        "task": json.dumps(task),
-        "backbone_fingerprint": backbone_fingerprint(model) or "",
-        "versions": json.dumps(_versions(), sort_keys=True),
-        **{k: v or "" for k, v in info.items()},
+        "config": adapter.config.to_json(),
+        "num_classes": json.dumps(adapter.num_classes),
+        "label_names": json.dumps(adapter.label_names),
+        "task": json.dumps(adapter.task),
+        "backbone_fingerprint": adapter.backbone_fingerprint or "",
+        "versions": json.dumps(adapter.versions, sort_keys=True),
+        "architecture": adapter.architecture or "",
+        "pretrained_tag": adapter.pretrained_tag or "",
+        "hf_hub_id": adapter.hf_hub_id or "",
     }
-    _atomic_save(tensors, metadata, path)
-    state.task, state.label_names = task, label_names
-    return path
-
-
-def adapter_tensors_for_saving(model: nn.Module) -> dict[str, torch.Tensor]:
-    return {k: t for k, t, _ in _adapter_tensors(model, current_plan(model))}
 
 
 @contextmanager
@@ -245,11 +258,36 @@ def atomic_path(path: Path) -> Iterator[str]:
         raise
 
 
-def _atomic_save(tensors: dict[str, torch.Tensor], metadata: dict[str, str], path: Path) -> None:
+def write_adapter(adapter: AdapterFile, path: str | os.PathLike, *, overwrite: bool = False) -> AdapterFile:
+    """Write an adapter to a safetensors file, atomically; returns it with ``path`` set (the file is not re-read).
+
+    Args:
+        adapter: What to write (from :func:`extract_adapter` or :func:`read_adapter`).
+        path: Destination file (conventionally ``*.safetensors``).
+        overwrite: Replace an existing file that holds another task's adapter, or that is not an adapter at all.
+            An existing adapter of the same task is always replaced (saving checkpoints during training).
+    """
     from safetensors.torch import save_file
 
+    path = Path(path)
+    if path.is_dir():
+        raise AdapterError(f"{path} is a directory; give a file path, or use clr_timm.save_pretrained for folders")
+    if path.exists() and not overwrite:
+        try:
+            existing = read_adapter(path)
+        except AdapterError as e:
+            raise AdapterError(f"{path} exists and is not a clr_timm adapter; pass overwrite=True to replace it") from e
+        if existing.task != adapter.task:
+            raise AdapterError(
+                f"{path} holds the adapter of task {existing.task!r}, not {adapter.task!r}; pass overwrite=True to "
+                "replace it"
+            )
     with atomic_path(path) as tmp:
-        save_file(tensors, tmp, metadata=metadata)
+        save_file(adapter.tensors, tmp, metadata=adapter.metadata)
+    return dataclasses.replace(adapter, path=str(path))
+
+
+# ------------------------------------------------------------------------------------------------------- reading
 
 
 def _sniff(path: Path) -> None:
@@ -278,15 +316,10 @@ def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any = None) 
         raise AdapterError(f"{path}: metadata field {key!r} is not valid JSON ({e})") from e
 
 
-def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read and check an adapter file on its own (no model needed). Raises :class:`AdapterError` on any problem."""
+def _load_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
+    """The metadata and tensors of a safetensors file, checked to be a clr_timm adapter of a version we read."""
     from safetensors.torch import load as safetensors_load
 
-    path = Path(path)
-    if path.is_dir():
-        path = path / ADAPTER_FILE
-    if not path.is_file():
-        raise AdapterError(f"no adapter file at {path}")
     _sniff(path)
     try:
         data = path.read_bytes()
@@ -313,6 +346,11 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
             f"{path} was written in adapter format version {version} by a newer clr_timm; this clr_timm "
             f"({__version__}) reads up to version {FORMAT_VERSION}: upgrade clr_timm"
         )
+    return meta, tensors
+
+
+def _task_fields(meta: dict[str, str], path: Path) -> dict[str, Any]:
+    """config, num_classes, label_names and task from the metadata, each checked."""
     if "config" not in meta:
         raise AdapterError(f"{path}: metadata has no 'config'")
     try:
@@ -336,6 +374,10 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
         _check_task_name(task)
     except CLRError as e:
         raise AdapterError(f"{path}: metadata 'task' is not a valid task name: {e}") from e
+    return {"config": config, "num_classes": num_classes, "label_names": label_names, "task": task}
+
+
+def _check_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
     floats = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
     for k, t in floats:
         if t.dtype not in _FLOAT_DTYPES:
@@ -343,30 +385,41 @@ def read_adapter(path: str | os.PathLike) -> AdapterFile:
     if floats and not torch.isfinite(torch.cat([t.reshape(-1).float() for _, t in floats])).all():
         bad = next(k for k, t in floats if not torch.isfinite(t).all())
         raise AdapterError(f"{path}: tensor {bad!r} contains NaN or Inf values; the adapter is corrupt")
+
+
+def read_adapter(path: str | os.PathLike) -> AdapterFile:
+    """Read and check an adapter file on its own (no model needed). Raises :class:`AdapterError` on any problem.
+
+    A folder stands for the ``clr_adapter.safetensors`` in it.
+    """
+    path = Path(path)
+    if path.is_dir():
+        path = path / ADAPTER_FILE
+    if not path.is_file():
+        raise AdapterError(f"no adapter file at {path}")
+    meta, tensors = _load_file(path)
+    fields = _task_fields(meta, path)
+    _check_values(tensors, path)
     versions = _json_meta(meta, "versions", path, {}) or {}
     return AdapterFile(
         path=str(path),
         tensors=tensors,
-        config=config,
-        num_classes=num_classes,
+        **fields,
         architecture=meta.get("architecture") or None,
         pretrained_tag=meta.get("pretrained_tag") or None,
         hf_hub_id=meta.get("hf_hub_id") or None,
         backbone_fingerprint=meta.get("backbone_fingerprint") or None,
-        task=task,
-        label_names=label_names,
         versions=versions if isinstance(versions, dict) else {},
         metadata=dict(meta),
     )
 
 
+# ------------------------------------------------------------------------------------------------------ applying
+
+
 def _expected_shapes(model: nn.Module, adapter: AdapterFile, plan) -> dict[str, tuple[tuple[int, ...], str, bool]]:
     """key -> (shape, kind, is_float) the adapter must have to fit ``model`` (head resized to the adapter's classes)."""
-    k = adapter.config.kernel_size
-    expected = {}
-    for t in plan.targets:
-        shape = (t.channels,) if t.layer == "scale" else (t.channels, 1, k, k)
-        expected[_key(t.name, f"{CLR_ATTR}.weight")] = (shape, "clr", True)
+    expected = {key: (shape, "clr", True) for key, shape in reprogramming_shapes(plan).items()}
     current = getattr(model, "num_classes", None)
     for key, t, kind in _adapter_tensors(model, plan):
         if kind == "clr":
@@ -378,13 +431,8 @@ def _expected_shapes(model: nn.Module, adapter: AdapterFile, plan) -> dict[str, 
     return expected
 
 
-def _validate(
-    model: nn.Module, adapter: AdapterFile, check_backbone: bool, tensors: dict[str, torch.Tensor] | None = None
-) -> CLRPlan:
-    """Check that ``adapter`` fits ``model``, raising before anything changes; returns the plan it was checked with.
-
-    ``tensors``: ``model``'s ``state_dict(keep_vars=True)`` when the caller already has it (saves a model walk).
-    """
+def _check_fits(model: nn.Module, adapter: AdapterFile) -> None:
+    """Config, architecture and head size: what must match before the tensors are worth comparing."""
     path = adapter.path
     if is_attached(model) and get_config(model) != adapter.config:
         raise AdapterMismatchError(
@@ -401,6 +449,25 @@ def _validate(
             )
         if adapter.num_classes is None:
             raise AdapterError(f"{path}: metadata has no 'num_classes' to size the head with")
+
+
+def validate_adapter(
+    model: nn.Module,
+    adapter: AdapterFile,
+    *,
+    check_backbone: bool = True,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> CLRPlan:
+    """Check that ``adapter`` fits ``model``, raising before anything changes; returns the plan it was checked with.
+
+    Args:
+        model: The model it is meant for, attached or not.
+        adapter: The adapter.
+        check_backbone: Refuse an adapter recorded for other backbone weights (fingerprint mismatch).
+        tensors: ``model``'s ``state_dict(keep_vars=True)`` when the caller already has it (saves a model walk).
+    """
+    path = adapter.path
+    _check_fits(model, adapter)
     plan = plan_targets(model, adapter.config)
     expected = _expected_shapes(model, adapter, plan)
     for key, (shape, kind, is_float) in expected.items():
@@ -428,7 +495,7 @@ def _validate(
     return plan
 
 
-def _apply(model: nn.Module, adapter: AdapterFile, tensors: dict[str, torch.Tensor] | None = None) -> None:
+def _copy_in(model: nn.Module, adapter: AdapterFile, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Copy the adapter's tensors in (``tensors``: the attached model's current ``state_dict(keep_vars=True)``)."""
     if adapter.config.train_head and adapter.num_classes != getattr(model, "num_classes", None):
         resize_head(model, adapter.num_classes)
@@ -441,40 +508,24 @@ def _apply(model: nn.Module, adapter: AdapterFile, tensors: dict[str, torch.Tens
     state.task, state.label_names = adapter.task, adapter.label_names
 
 
-def load_adapter(
-    model: nn.Module,
-    source: str | os.PathLike,
-    *,
-    task: str | None = None,
-    check_backbone: bool = True,
-    **hub_kwargs: Any,
-) -> nn.Module:
-    """Load a task's adapter into ``model``: attach CLR if needed, resize the head, copy the tensors.
+def apply_adapter(model: nn.Module, adapter: AdapterFile, *, check_backbone: bool = True) -> nn.Module:
+    """Put an adapter into ``model``: attach CLR if needed, resize the head, copy the tensors.
 
-    Args:
-        model: A timm model, attached or not, built with the same architecture and backbone weights.
-        source: An adapter file, a folder saved by ``save_pretrained``, or ``"hf-hub:org/name"``.
-        task: The task's subfolder in a folder or Hub repo (None: the root).
-        check_backbone: Refuse an adapter recorded for other backbone weights (fingerprint mismatch).
-        **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` for Hub sources.
-
-    Returns:
-        The model. On any error the model is left exactly as it was.
+    The model records the adapter's task and label names (the defaults of its next save). Everything is validated
+    first; on any error, then or while copying, the model is left exactly as it was.
     """
-    _check_task_name(task)
     _refuse_fused(model, "loading an adapter into it")
-    adapter = read_adapter(_resolve(source, task, hub_kwargs))
     was_attached = is_attached(model)
     tensors = _named_tensors(model)  # one walk, shared by the fingerprint, the backup and the copy
-    _validate(model, adapter, check_backbone, tensors)
+    validate_adapter(model, adapter, check_backbone=check_backbone, tensors=tensors)
     backup = None
     if was_attached:
-        backup = {k: tensors[k].detach().clone() for k in adapter.tensors}  # exactly what _apply overwrites
+        backup = {k: tensors[k].detach().clone() for k in adapter.tensors}  # exactly what _copy_in overwrites
         old = (_state(model).task, _state(model).label_names, getattr(model, "num_classes", None))
     try:
         if not was_attached:
             attach(model, adapter.config)
-        _apply(model, adapter, tensors if was_attached else None)
+        _copy_in(model, adapter, tensors if was_attached else None)
     except BaseException:
         if not was_attached and is_attached(model):
             detach(model)
@@ -488,22 +539,3 @@ def load_adapter(
             _state(model).task, _state(model).label_names = old[0], old[1]
         raise
     return model
-
-
-def _resolve(source: str | os.PathLike, task: str | None, hub_kwargs: dict[str, Any]) -> Path:
-    if isinstance(source, str) and source.startswith("hf-hub:"):
-        from .hub import download_adapter  # the Hub layer sits above this one; imported only when asked for
-
-        return download_adapter(source[len("hf-hub:") :], task=task, **hub_kwargs)
-    if hub_kwargs:
-        raise CLRError(f"{sorted(hub_kwargs)} only apply to 'hf-hub:' sources, not to {source}")
-    path = Path(source)
-    if path.is_dir():
-        folder = path / task if task else path
-        if not folder.is_dir():
-            tasks = sorted(p.parent.name for p in path.glob(f"*/{ADAPTER_FILE}"))
-            raise AdapterError(f"no task {task!r} in {path}; tasks there: {tasks}")
-        path = folder / ADAPTER_FILE
-    elif task is not None:
-        raise CLRError(f"task={task!r} applies to folders and Hub repos, not to the file {path}")
-    return path

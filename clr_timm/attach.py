@@ -2,8 +2,9 @@
 
 A reprogramming layer lives as a child named ``clr`` of the conv it follows and is applied by a forward hook on that
 conv, so the model's own modules, forward code and state_dict keys stay exactly as timm made them: the only new keys
-are ``<conv>.clr.weight``. Everything the attach changes is recorded on the model (``model._clr_state``) so that
-:func:`detach` restores the original model bit for bit.
+are ``<conv>.clr.<tensor>`` (``<conv>.clr.weight`` for the built-in kinds). Everything the attach changes is recorded
+in the model's one state record (:class:`~clr_timm.state.CLRState`) so that :func:`detach` restores the original model
+bit for bit, whatever modes it is in.
 """
 
 from __future__ import annotations
@@ -19,8 +20,8 @@ from torch import nn
 
 from .config import CLRConfig
 from .errors import CLRError, ConfigError
-from .layers import CLR_LAYERS, CLRConv2d, CLRScale
-from .memory import set_memory_efficient
+from .layers import ReprogrammingLayer, layer_class
+from .state import STATE_ATTR, CLRState, find_state, get_state, refuse_fused
 
 __all__ = [
     "attach",
@@ -33,14 +34,12 @@ __all__ = [
     "mark_only_adapter_as_trainable",
     "adapter_state_dict",
     "plan_targets",
+    "reprogramming_shapes",
     "CLRPlan",
     "Target",
 ]
 
 CLR_ATTR = "clr"
-_STATE_ATTR = "_clr_state"
-_FUSED_ATTR = "_clr_fused"  # set by clr_timm.fuse
-_MULTITASK_ATTR = "_clr_multitask"  # set on the model a MultiTaskModel serves
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _NORM_CLASS_NAME = re.compile(r"Norm(Act|Tlu)?(\d+d)?([BS]\d+a?)?(Fp32)?$")
@@ -55,7 +54,7 @@ class Target:
     name: str
     channels: int
     depthwise: bool
-    layer: str  # "clr" (CLRConv2d) or "scale" (CLRScale)
+    layer: str  # the reprogramming layer's kind (clr_timm.layers.layer_class)
 
 
 @dataclass
@@ -69,33 +68,18 @@ class CLRPlan:
     skipped: list[str] = field(default_factory=list)  # depthwise convs left alone by the "skip" policy
 
 
-@dataclass
-class _CLRState:
-    """Everything attach changed, so that detach and reset can undo it."""
-
-    config: CLRConfig
-    targets: list[str]
-    requires_grad: dict[str, bool]
-    base: dict[str, torch.Tensor]  # original values of the norm and head tensors the adapter owns
-    num_classes: int | None
-    frozen_norms: list[str]
-    guarded: list[tuple[str, str]] = field(default_factory=list)  # (module, method) blocked by _ReparamGuard
-    task: str | None = None
-    label_names: list[str] | None = None
-
-
-def _clr_forward_hook(module: nn.Module, args: tuple, output: torch.Tensor) -> torch.Tensor:
-    return getattr(module, CLR_ATTR)(output)
+def _clr_forward_hook(module: nn.Module, args: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    return module.clr(output)
 
 
 def _load_state_dict_post_hook(module: nn.Module, incompatible_keys) -> None:
     # A plain timm checkpoint has no CLR kernels: loading one strictly into an attached model is fine, and keeps
     # the adapter's kernels as they are.
-    state = getattr(module, _STATE_ATTR, None)
+    state = find_state(module)
     if state is None:
         return
-    clr_keys = {_key(t, f"{CLR_ATTR}.weight") for t in state.targets}
-    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if k not in clr_keys]
+    layers = tuple(_key(t, f"{CLR_ATTR}.") for t in state.targets)
+    incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(layers)]
 
 
 def _frozen_norm_pre_hook(module: nn.Module, args: tuple) -> None:
@@ -156,7 +140,7 @@ def _is_norm(m: nn.Module) -> bool:
     # timm's own norms (RmsNorm, EvoNorm2dB0, FilterResponseNormAct2d, ...): a class named like a norm layer whose
     # own parameters are all per-channel vectors. Containers such as ConvNormAct own no parameters directly, and
     # blocks that merely mention norms (NormFreeBlock's scalar skipinit gain) are not named like a norm layer.
-    if not _NORM_CLASS_NAME.search(type(m).__name__) or isinstance(m, CLR_LAYERS):
+    if not _NORM_CLASS_NAME.search(type(m).__name__) or isinstance(m, ReprogrammingLayer):
         return False
     params = list(m.parameters(recurse=False))
     return bool(params) and all(p.dim() <= 1 for p in params)
@@ -223,7 +207,7 @@ def plan_targets(model: nn.Module, config: CLRConfig | None = None) -> CLRPlan:
         if name and id(m) in head_ids:
             head.append(name)
             continue
-        if isinstance(m, CLR_LAYERS) or _under(name, head):
+        if isinstance(m, ReprogrammingLayer) or _under(name, head):
             continue
         if _is_conv(m) and _kernel_area(m) > 1:
             if config.include is not None and not _matches(name, config.include):
@@ -231,14 +215,23 @@ def plan_targets(model: nn.Module, config: CLRConfig | None = None) -> CLRPlan:
             if _matches(name, config.exclude):
                 continue
             depthwise = _is_depthwise(m)
-            if depthwise and config.depthwise == "skip":
+            kind = config.depthwise if depthwise else config.layer
+            if kind == "skip":
                 skipped.append(name)
                 continue
-            layer = "scale" if depthwise and config.depthwise == "scale" else "clr"
-            targets.append(Target(name, int(m.out_channels), depthwise, layer))
+            targets.append(Target(name, int(m.out_channels), depthwise, kind))
         elif _is_norm(m):
             norms.append(name)
     return CLRPlan(config, targets, norms, head, skipped)
+
+
+def reprogramming_shapes(plan: CLRPlan) -> dict[str, tuple[int, ...]]:
+    """State_dict key and shape of every reprogramming-layer tensor that attaching under ``plan`` creates."""
+    shapes = {}
+    for t in plan.targets:
+        for name, shape in layer_class(t.layer).tensor_shapes(t.channels, plan.config).items():
+            shapes[_key(t.name, f"{CLR_ATTR}.{name}")] = shape
+    return shapes
 
 
 def _key(module_name: str, tensor_name: str) -> str:
@@ -259,13 +252,14 @@ def _norm_tensors(name: str, m: nn.Module) -> Iterator[tuple[str, torch.Tensor, 
 def _adapter_tensors(model: nn.Module, plan: CLRPlan) -> Iterator[tuple[str, torch.Tensor, str]]:
     """(state_dict key, tensor, kind) of everything a task's adapter owns, in a stable order.
 
-    kind is one of "clr", "norm_affine", "norm_stats", "head". The CLR kernels only exist once attached.
+    kind is one of "clr", "norm_affine", "norm_stats", "head". The reprogramming layers only exist once attached.
     """
     modules = dict(model.named_modules())
     for t in plan.targets:
         layer = getattr(modules[t.name], CLR_ATTR, None)
         if layer is not None:
-            yield _key(t.name, f"{CLR_ATTR}.weight"), layer.weight, "clr"
+            for pn, p in layer.params().items():
+                yield _key(t.name, f"{CLR_ATTR}.{pn}"), p, "clr"
     if plan.config.train_norms:
         for name in plan.norms:
             yield from _norm_tensors(name, modules[name])
@@ -278,27 +272,17 @@ def _adapter_tensors(model: nn.Module, plan: CLRPlan) -> Iterator[tuple[str, tor
                 yield _key(name, bn), b, "head"
 
 
-def _state(model: nn.Module) -> _CLRState:
-    state = getattr(model, _STATE_ATTR, None)
-    if state is None:
-        raise CLRError(f"{type(model).__name__} has no CLR adapter attached; call clr_timm.attach(model) first")
-    return state
-
-
-def is_fused(model: nn.Module) -> bool:
-    """Whether :func:`~clr_timm.fuse` has been applied (and not undone by :func:`~clr_timm.unfuse`)."""
-    return getattr(model, _FUSED_ATTR, None) is not None
+def _state(model: nn.Module) -> CLRState:
+    return get_state(model)
 
 
 def _refuse_fused(model: nn.Module, action: str) -> None:
-    """Folded copies of the adapter would go stale if the adapter changed under them."""
-    if is_fused(model):
-        raise CLRError(f"the model is fused (clr_timm.fuse): call clr_timm.unfuse(model) before {action}")
+    refuse_fused(model, action)
 
 
 def is_attached(model: nn.Module) -> bool:
     """Whether :func:`attach` has been applied to ``model`` (and not undone by :func:`detach`)."""
-    return getattr(model, _STATE_ATTR, None) is not None
+    return find_state(model) is not None
 
 
 def get_config(model: nn.Module) -> CLRConfig:
@@ -324,13 +308,6 @@ def mark_only_adapter_as_trainable(model: nn.Module) -> None:
     for _, t, _ in _adapter_tensors(model, plan):
         if isinstance(t, nn.Parameter):
             t.requires_grad_(True)
-
-
-def _make_layer(target: Target, conv: nn.Module, config: CLRConfig) -> nn.Module:
-    w = conv.weight
-    if target.layer == "scale":
-        return CLRScale(target.channels, device=w.device, dtype=w.dtype)
-    return CLRConv2d(target.channels, config.kernel_size, device=w.device, dtype=w.dtype)
 
 
 def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn.Module:
@@ -369,7 +346,7 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
             raise CLRError(f"module {t.name!r} already has an attribute {CLR_ATTR!r}; cannot attach CLR to it")
     frozen_stats = not (config.train_norms and config.update_norm_stats)
     frozen_norms = [n for n in plan.norms if _has_running_stats(modules[n])] if frozen_stats else []
-    state = _CLRState(
+    state = CLRState(
         config=config,
         targets=[t.name for t in plan.targets],
         requires_grad={n: p.requires_grad for n, p in model.named_parameters()},
@@ -379,13 +356,13 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
     )
     for t in plan.targets:
         conv = modules[t.name]
-        conv.add_module(CLR_ATTR, _make_layer(t, conv, config))
+        conv.add_module(CLR_ATTR, layer_class(t.layer).from_conv(conv, config))
         conv.register_forward_hook(_clr_forward_hook)
     for n in frozen_norms:
         modules[n].register_forward_pre_hook(_frozen_norm_pre_hook)
     model.register_load_state_dict_post_hook(_load_state_dict_post_hook)
     state.guarded = _guard_reparameterisation(model)
-    setattr(model, _STATE_ATTR, state)
+    object.__setattr__(model, STATE_ATTR, state)
     mark_only_adapter_as_trainable(model)
     return model
 
@@ -418,7 +395,7 @@ def resize_head(model: nn.Module, num_classes: int) -> None:
         mark_only_adapter_as_trainable(model)
 
 
-def _restore_base(model: nn.Module, state: _CLRState) -> None:
+def _restore_base(model: nn.Module, state: CLRState) -> None:
     if getattr(model, "num_classes", None) != state.num_classes and state.num_classes is not None:
         resize_head(model, state.num_classes)
     tensors = _named_tensors(model)
@@ -438,7 +415,7 @@ def reset_adapter(model: nn.Module, num_classes: int | None = None) -> nn.Module
     _refuse_fused(model, "resetting its adapter")
     _restore_base(model, state)
     for layer in model.modules():
-        if isinstance(layer, CLR_LAYERS):
+        if isinstance(layer, ReprogrammingLayer):
             layer.reset_parameters()
     if num_classes is not None and num_classes != getattr(model, "num_classes", None):
         resize_head(model, num_classes)
@@ -449,15 +426,11 @@ def reset_adapter(model: nn.Module, num_classes: int | None = None) -> nn.Module
 def detach(model: nn.Module) -> nn.Module:
     """Remove CLR: the model is then bit-identical, in state and outputs, to the model before :func:`attach`.
 
-    The adapter's norm and head values are restored to the originals too: save the adapter first to keep it. A fused
-    model is unfused first.
+    The adapter's norm and head values are restored to the originals too: save the adapter first to keep it. Every
+    mode the model is in (fused, memory-efficient) is left first.
     """
     state = _state(model)
-    if is_fused(model):
-        from .fuse import unfuse  # fuse builds on this module
-
-        unfuse(model)
-    set_memory_efficient(model, False)
+    state.teardown(model)
     modules = dict(model.named_modules())
     for name in state.targets:
         conv = modules[name]
@@ -474,5 +447,5 @@ def detach(model: nn.Module) -> nn.Module:
     _restore_base(model, state)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(n, True))
-    delattr(model, _STATE_ATTR)
+    object.__delattr__(model, STATE_ATTR)
     return model

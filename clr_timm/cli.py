@@ -1,4 +1,4 @@
-"""The ``clr-timm`` command: ``count`` what CLR costs on timm models, ``info`` on an adapter, ``push`` / ``pull``.
+"""The ``clr-timm`` command: ``count`` what CLR costs on timm models, ``info`` on adapters, ``push`` / ``pull``.
 
 Every command has ``--help``. Errors print ``error: <message>`` on stderr and exit with status 2, without a traceback.
 """
@@ -12,31 +12,29 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
-import torch
-
-from ._cli_hub import add_hub_commands
-from .adapter import ADAPTER_FILE, read_adapter
-from .attach import CLR_ATTR, plan_targets
 from .config import DEPTHWISE_POLICIES, CLRConfig
 from .count import CURATED_MODELS, ModelCount, count_model, format_table, resolve_model_names
 from .errors import CLRError
+from .hub import describe, download_adapter, push_folder
+from .source import parse_source
 
 __all__ = [
     "add_count_arguments",
     "build_parser",
     "config_from_args",
     "count_rows",
-    "format_adapter",
+    "format_description",
     "main",
     "model_names_from_args",
     "run_count",
     "run_info",
+    "run_pull",
+    "run_push",
     "write_csv",
     "write_json",
 ]
-
-_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 
 
 def add_count_arguments(parser: argparse.ArgumentParser) -> None:
@@ -135,92 +133,151 @@ def run_count(args: argparse.Namespace) -> int:
     return 2 if failed and not rows else 0
 
 
-def _kind(key: str, head: tuple[str, ...] | None) -> str:
-    """The kind of an adapter tensor from its key; ``head`` is None when the head's modules are unknown."""
-    if key.endswith(f".{CLR_ATTR}.weight"):
-        return "clr"
-    if head and key.startswith(head):
-        return "head"
-    if key.rsplit(".", 1)[-1] in _STAT_BUFFERS:
-        return "norm_stats"
-    return "norm_affine" if head is not None else "norm_affine / head"
+# ------------------------------------------------------------------------------------------------------------ info
 
 
-def _head_prefixes(architecture: str | None, num_classes: int | None, config: CLRConfig) -> tuple[str, ...] | None:
-    """Module prefixes of the head of ``architecture``, from a weightless (meta) build of it; None when unknown."""
-    import timm
-    import torch
-
-    if not architecture or not timm.is_model(architecture):
-        return None
-    try:
-        with torch.device("meta"):
-            model = timm.create_model(architecture, pretrained=False, num_classes=num_classes or 1)
-    except Exception:  # a model that needs real tensors to build: tell norms and head apart no further
-        return None
-    return tuple(f"{h}." for h in plan_targets(model, config).head)
+def _int(value: Any) -> str:
+    return f"{value:,}" if isinstance(value, int) else "?"
 
 
-def format_adapter(path: str | Path) -> str:
-    """What an adapter file holds: its metadata, and its tensors grouped by kind with their sizes."""
-    adapter = read_adapter(path)
-    head = _head_prefixes(adapter.architecture, adapter.num_classes, adapter.config)
-    groups: dict[str, list[torch.Tensor]] = {}
-    for key, t in adapter.tensors.items():
-        groups.setdefault(_kind(key, head), []).append(t)
-    labels = adapter.label_names or []
-    more = f", ... ({len(labels)} in all)" if len(labels) > 10 else ""
-    rows = [
-        ("adapter", adapter.path),
-        ("base model", adapter.base_model or "unknown"),
-        ("timm hub id", adapter.hf_hub_id),
-        ("backbone fingerprint", adapter.backbone_fingerprint),
-        ("task", adapter.task),
-        ("classes", adapter.num_classes),
-        ("label names", ", ".join(labels[:10]) + more),
-        ("config", adapter.config.to_json()),
-        ("format version", adapter.metadata.get("clr_format_version")),
-        ("written by", ", ".join(f"{k} {v}" for k, v in sorted(adapter.versions.items()))),
-        ("file size", f"{Path(adapter.path).stat().st_size:,} bytes"),
-    ]
-    width = max(len(k) for k, _ in rows)
-    lines = [f"{k:<{width}}  {v}" for k, v in rows if v not in (None, "")]
-    lines += ["", f"{'tensors':<18}{'count':>7}{'values':>14}{'bytes':>14}  dtype"]
+def _pct(value: Any) -> str:
+    return f"{value:.3f}%" if isinstance(value, (int, float)) else "?"
+
+
+def _tensor_table(kinds: dict[str, dict[str, Any]]) -> list[str]:
+    """The adapter's tensors grouped by kind (reprogramming, norms, head), with their sizes and a total."""
+    lines = [f"{'tensors':<18}{'count':>7}{'values':>14}{'bytes':>14}  dtype"]
     totals = [0, 0, 0]
-    for kind in ("clr", "norm_affine", "norm_stats", "head", "norm_affine / head"):
-        ts = groups.get(kind, [])
-        if not ts:
-            continue
-        row = [len(ts), sum(t.numel() for t in ts), sum(t.numel() * t.element_size() for t in ts)]
-        dtypes = ", ".join(sorted({str(t.dtype).removeprefix("torch.") for t in ts}))
-        lines.append(f"{kind:<18}{row[0]:>7}{row[1]:>14,}{row[2]:>14,}  {dtypes}")
+    for kind, g in kinds.items():
+        row = [g["count"], g["values"], g["bytes"]]
+        lines.append(f"{kind:<18}{row[0]:>7}{row[1]:>14,}{row[2]:>14,}  {', '.join(g['dtypes'])}")
         totals = [a + b for a, b in zip(totals, row)]
     lines.append(f"{'total':<18}{totals[0]:>7}{totals[1]:>14,}{totals[2]:>14,}")
+    return lines
+
+
+def _format_adapter(info: dict[str, Any]) -> str:
+    """One adapter: its metadata, what it costs, then its tensors by kind."""
+    base, p = info.get("base_model") or {}, info.get("parameters") or {}
+    labels = info.get("label_names") or []
+    more = f", ... ({len(labels)} in all)" if len(labels) > 10 else ""
+    per_task = p and f"{_int(p.get('per_task'))} values ({_pct(p.get('percent_of_backbone'))} of the backbone)"
+    rows = [
+        ("adapter", info.get("path")),
+        ("repo", info.get("repo_id") and f"{info['repo_id']} @ {info.get('revision')}"),
+        ("base model", base.get("name") or "unknown"),
+        ("timm hub id", base.get("hf_hub_id")),
+        ("backbone fingerprint", base.get("backbone_fingerprint")),
+        ("task", info.get("task")),
+        ("classes", info.get("num_classes")),
+        ("label names", ", ".join(labels[:10]) + more),
+        ("config", info.get("config") and json.dumps(info["config"], sort_keys=True)),
+        ("reprogrammed convs", info.get("num_reprogrammed")),
+        ("per task", per_task),
+        ("format version", info.get("format_version")),
+        ("written by", ", ".join(f"{k} {v}" for k, v in sorted((info.get("versions") or {}).items()))),
+        ("file size", f"{_int(info.get('file_size'))} bytes"),
+    ]
+    width = max(len(k) for k, _ in rows)
+    lines = [f"{k:<{width}}  {v}" for k, v in rows if v not in (None, "", {})]
+    return "\n".join([*lines, "", *_tensor_table(info.get("tensors_by_kind") or {})])
+
+
+def format_description(info: dict[str, Any]) -> str:
+    """:func:`clr_timm.describe`'s dict as text, for ``clr-timm info``: one adapter, or a folder's or repo's tasks."""
+    if info.get("kind") == "adapter":
+        return _format_adapter(info)
+    lines = [f"{info.get('kind')}: {info.get('repo_id') or info.get('path')}"]
+    if info.get("kind") == "repo":
+        lines.append(f"revision: {info.get('revision')} (commit {info.get('commit')}), private: {info.get('private')}")
+    tasks = info.get("tasks") or []
+    root = "; plus a root adapter" if info.get("root_adapter") else ""
+    lines.append(f"tasks: {', '.join(tasks) if tasks else '(none)'}{root}")
+    for a in info.get("adapters") or []:
+        p, base = a.get("parameters") or {}, (a.get("base_model") or {}).get("name")
+        lines.append(
+            f"  {a.get('task') if a.get('task') is not None else '(root)'}: {a.get('num_classes', '?')} classes, "
+            f"{_int(p.get('per_task'))} parameters per task ({_pct(p.get('percent_of_backbone'))} of the backbone), "
+            f"{_int(a.get('file_size'))} bytes, base model {base or 'unknown'}"
+        )
     return "\n".join(lines)
-
-
-def _is_hub_source(source: str) -> bool:
-    return source.startswith("hf-hub:") or (
-        not Path(source).exists() and source.count("/") == 1 and not source.startswith((".", "/"))
-    )
 
 
 def run_info(args: argparse.Namespace) -> int:
     """``clr-timm info``: what an adapter file, a save_pretrained folder or a Hub repo holds."""
-    from ._cli_hub import format_description
-    from .hub import describe
-
-    source = args.source
-    hub = _is_hub_source(source)
-    if not hub and not args.json:
-        path = Path(source) / (args.task or "") if Path(source).is_dir() else Path(source)
-        if path.is_file() or (path / ADAPTER_FILE).is_file():
-            print(format_adapter(path))
-            return 0
+    hub = parse_source(args.source, bare_repo=True).kind == "hub"
     hub_kwargs = {k: getattr(args, k) for k in ("revision", "token") if hub and getattr(args, k) is not None}
-    info = describe(source, task=args.task, **hub_kwargs)
+    info = describe(args.source, task=args.task, **hub_kwargs)
     print(json.dumps(info, indent=1, default=str) if args.json else format_description(info))
     return 0
+
+
+# ------------------------------------------------------------------------------------------------------ push, pull
+
+
+def run_push(args: argparse.Namespace) -> int:
+    """``clr-timm push``: upload a save_pretrained folder; prints the commit's (or pull request's) URL."""
+    info = push_folder(
+        args.folder,
+        args.repo_id,
+        revision=args.revision,
+        private=args.private,
+        token=args.token,
+        commit_message=args.commit_message,
+        create_pr=args.create_pr,
+        license=args.license,
+    )
+    print(info.pr_url if getattr(info, "pr_url", None) else info.commit_url)
+    return 0
+
+
+def run_pull(args: argparse.Namespace) -> int:
+    """``clr-timm pull``: download a task's adapter and its clr_config.json; prints the adapter's path."""
+    path = download_adapter(
+        args.repo_id,
+        args.task,
+        revision=args.revision,
+        token=args.token,
+        cache_dir=args.cache_dir,
+        local_dir=args.out,
+        local_files_only=args.local_files_only,
+        with_config=True,
+    )
+    print(path)
+    return 0
+
+
+def _add_hub_commands(subparsers: argparse._SubParsersAction) -> None:
+    push = subparsers.add_parser(
+        "push",
+        help="upload a save_pretrained folder (one or many tasks) to a Hub repo, in one commit",
+        description="Upload every adapter of a folder written by clr_timm.save_pretrained (the root one and one per "
+        "task subfolder) to a Hub repo, created if needed, in one commit that also updates the model card.",
+    )
+    push.add_argument("folder", help="folder written by clr_timm.save_pretrained")
+    push.add_argument("repo_id", metavar="repo", help="Hub repo, 'org/name'")
+    push.add_argument("--revision", help="branch to push to (created from main when missing)")
+    push.add_argument("--private", action="store_true", default=None, help="create the repo private")
+    push.add_argument("--token", help="Hub token with write access (default: the logged-in one)")
+    push.add_argument("-m", "--commit-message", help="commit summary")
+    push.add_argument("--create-pr", action="store_true", help="open a pull request instead of committing")
+    push.add_argument("--license", help="license in the card metadata (default: the base model's)")
+    push.set_defaults(func=run_push)
+
+    pull = subparsers.add_parser(
+        "pull",
+        help="download a task's adapter from a Hub repo and print where it is",
+        description="Download a task's adapter (and its clr_config.json) into the Hub cache, or into --out in the "
+        "repo's layout, and print the adapter file's path. A task pulled once loads with no server.",
+    )
+    pull.add_argument("repo_id", metavar="repo", help="Hub repo, 'org/name' or 'org/name@revision'")
+    pull.add_argument("--task", help="the task's folder in the repo (default: the adapter at the repo root)")
+    pull.add_argument("--revision", help="branch, tag or commit (default: main)")
+    pull.add_argument("--out", help="download into this folder instead of the Hub cache")
+    pull.add_argument("--token", help="Hub token, for private repos")
+    pull.add_argument("--cache-dir", help="Hub cache to use (default: HF_HUB_CACHE)")
+    pull.add_argument("--local-files-only", action="store_true", help="use the cache only, never the network")
+    pull.set_defaults(func=run_pull)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -244,9 +301,9 @@ def build_parser() -> argparse.ArgumentParser:
     info = subparsers.add_parser(
         "info",
         help="what an adapter file, save_pretrained folder or Hub repo holds",
-        description="Print an adapter's metadata (task, classes, config, base model, fingerprint, versions) and its "
-        "tensors grouped by kind with their sizes. SOURCE is an adapter file, a folder, 'hf-hub:org/name' or "
-        "'org/name' (a Hub repo when no such local path exists).",
+        description="Print an adapter's metadata (task, classes, config, base model, fingerprint, versions, cost) "
+        "and its tensors grouped by kind with their sizes, or the tasks of a folder or Hub repo. SOURCE is an adapter "
+        "file, a folder, 'hf-hub:org/name' or 'org/name' (a Hub repo when no such local path exists).",
     )
     info.add_argument("source", metavar="PATH_OR_REPO", help="adapter file, folder or Hub repo")
     info.add_argument("--task", help="one task of a folder or Hub repo")
@@ -255,7 +312,7 @@ def build_parser() -> argparse.ArgumentParser:
     info.add_argument("--json", action="store_true", help="print JSON instead of text")
     info.set_defaults(func=run_info)
 
-    add_hub_commands(subparsers)
+    _add_hub_commands(subparsers)
     return parser
 
 

@@ -5,13 +5,19 @@ from __future__ import annotations
 import dataclasses
 import json
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 from .errors import ConfigError
+from .layers import layer_kinds
 
 __all__ = ["CLRConfig", "DEPTHWISE_POLICIES"]
 
 DEPTHWISE_POLICIES = ("clr", "skip", "scale")
+"""The built-in choices for ``CLRConfig.depthwise``; any registered layer kind is accepted too."""
+
+# Fields added after adapter format version 1 are written only when they differ from their default, so that the
+# files (and clr_config.json) of every config that format 1 could express stay exactly as they were.
+_WRITTEN_IF_SET = {"layer": "clr"}
 
 
 @dataclass
@@ -23,8 +29,11 @@ class CLRConfig:
         include: fnmatch patterns on module names (``"layer3.*"``); when given, only convs matching one are
             reprogrammed. ``None`` targets every conv whose kernel is larger than 1x1.
         exclude: fnmatch patterns on module names of convs never to reprogram (applied after ``include``).
+        layer: The kind of reprogramming layer after every other targeted conv: ``"clr"`` (the paper's depthwise
+            k x k kernel) or any kind registered with :func:`clr_timm.layers.register_layer`.
         depthwise: What to put after a depthwise conv (``groups == in_channels > 1``): ``"clr"`` a full
-            reprogramming kernel (the paper), ``"skip"`` nothing, ``"scale"`` one learned scale per channel.
+            reprogramming kernel (the paper), ``"skip"`` nothing, ``"scale"`` one learned scale per channel, or any
+            registered layer kind.
         train_norms: Normalisation layers are per task: their affine parameters train and, for BatchNorm, their
             running statistics update and are saved with the adapter. When False they stay frozen (BatchNorm is
             kept in eval mode even when the model trains).
@@ -38,10 +47,11 @@ class CLRConfig:
     kernel_size: int = 3
     include: list[str] | None = None
     exclude: list[str] = field(default_factory=list)
-    depthwise: Literal["clr", "skip", "scale"] = "clr"
+    depthwise: str = "clr"
     train_norms: bool = True
     update_norm_stats: bool = True
     train_head: bool = True
+    layer: str = "clr"
 
     def __post_init__(self) -> None:
         if isinstance(self.include, str):
@@ -58,8 +68,11 @@ class CLRConfig:
         k = self.kernel_size
         if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
             raise ConfigError(f"CLRConfig.kernel_size must be an odd positive int (e.g. 3), got {k!r}")
-        if self.depthwise not in DEPTHWISE_POLICIES:
-            raise ConfigError(f"CLRConfig.depthwise must be one of {DEPTHWISE_POLICIES}, got {self.depthwise!r}")
+        kinds = layer_kinds()
+        if not isinstance(self.depthwise, str) or (self.depthwise != "skip" and self.depthwise not in kinds):
+            raise ConfigError(f"CLRConfig.depthwise must be 'skip' or a layer kind {kinds}, got {self.depthwise!r}")
+        if not isinstance(self.layer, str) or self.layer not in kinds:
+            raise ConfigError(f"CLRConfig.layer must be a registered layer kind {kinds}, got {self.layer!r}")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
             if patterns is not None and not all(isinstance(p, str) for p in patterns):
@@ -69,7 +82,11 @@ class CLRConfig:
                 raise ConfigError(f"CLRConfig.{name} must be a bool, got {getattr(self, name)!r}")
 
     def to_dict(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        data = dataclasses.asdict(self)
+        for name, default in _WRITTEN_IF_SET.items():
+            if data[name] == default:
+                del data[name]
+        return data
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CLRConfig:

@@ -14,8 +14,8 @@ from torch import nn
 
 from .attach import CLR_ATTR, _adapter_tensors, _under, get_config, is_attached, plan_targets
 from .config import CLRConfig
-from .errors import CLRError
-from .layers import CLR_LAYERS
+from .errors import CLRError, ConfigError
+from .layers import ReprogrammingLayer, layer_class
 
 __all__ = [
     "CURATED_MODELS",
@@ -62,7 +62,7 @@ class ParameterCount:
     """Per-task cost of a CLR adapter, in numbers of values.
 
     Attributes:
-        clr: Reprogramming kernel values (``CLRConv2d`` / ``CLRScale``).
+        clr: Values of the reprogramming layers (each kind says how many it has).
         norm_affine: Affine parameters of the per-task normalisation layers.
         norm_stats: BatchNorm running means and variances (per task too; the integer batch counters are not counted).
         head: Classifier parameters.
@@ -102,12 +102,13 @@ def count_parameters(model: nn.Module, config: CLRConfig | None = None) -> Param
     """
     if is_attached(model):
         if config is not None and config != get_config(model):
-            raise ValueError("config differs from the one the model is attached with; leave it out")
+            raise ConfigError(
+                f"config {config} differs from the one the model is attached with ({get_config(model)}); leave it out"
+            )
         config = get_config(model)
     config = config or CLRConfig()
     plan = plan_targets(model, config)
-    k2 = config.kernel_size**2
-    clr = sum(t.channels * (k2 if t.layer == "clr" else 1) for t in plan.targets)
+    clr = sum(layer_class(t.layer).num_values(t.channels, config) for t in plan.targets)
     kinds = {"norm_affine": 0, "norm_stats": 0, "head": 0}
     for _, t, kind in _adapter_tensors(model, plan):
         if kind == "clr":
@@ -116,7 +117,7 @@ def count_parameters(model: nn.Module, config: CLRConfig | None = None) -> Param
             kinds[kind] += t.numel()
     backbone = 0
     for name, m in model.named_modules():
-        if isinstance(m, CLR_LAYERS) or _under(name, plan.head) or name.split(".")[-1:] == [CLR_ATTR]:
+        if isinstance(m, ReprogrammingLayer) or _under(name, plan.head) or name.split(".")[-1:] == [CLR_ATTR]:
             continue
         backbone += sum(p.numel() for p in m.parameters(recurse=False))
     head_params = sum(p.numel() for n in plan.head for p in model.get_submodule(n).parameters())

@@ -2,10 +2,23 @@
 
 Every error the library raises derives from :class:`CLRError`, so ``except clr_timm.CLRError`` catches all of them.
 Problems with an adapter (its file, keys, shapes, metadata or base model) raise :class:`AdapterError` or one of its
-subclasses.
+subclasses; problems pushing to or pulling from the Hugging Face Hub raise :class:`HubError` (an :class:`AdapterError`)
+or one of its subclasses.
 """
 
-__all__ = ["CLRError", "ConfigError", "AdapterError", "AdapterMismatchError", "BackboneMismatchError"]
+__all__ = [
+    "CLRError",
+    "ConfigError",
+    "AdapterError",
+    "AdapterMismatchError",
+    "BackboneMismatchError",
+    "HubError",
+    "HubRepoNotFoundError",
+    "HubAuthError",
+    "HubRevisionNotFoundError",
+    "TaskNotFoundError",
+    "HubOfflineError",
+]
 
 
 class CLRError(Exception):
@@ -26,3 +39,31 @@ class AdapterMismatchError(AdapterError):
 
 class BackboneMismatchError(AdapterMismatchError):
     """An adapter was trained on other backbone weights than those of the model it is loaded into."""
+
+
+class HubError(AdapterError):
+    """An adapter cannot be pushed to or pulled from the Hugging Face Hub."""
+
+
+class HubRepoNotFoundError(HubError):
+    """The repo does not exist, or it is private and the token given cannot read it."""
+
+
+class HubAuthError(HubError):
+    """The Hub needs a (valid) token, or the token may not write where the push goes.
+
+    Also raised for a repo that cannot be read without a token: the Hub answers the same for a private repo as for a
+    missing one, so the message names both.
+    """
+
+
+class HubRevisionNotFoundError(HubError):
+    """The branch, tag or commit does not exist in the repo."""
+
+
+class TaskNotFoundError(HubError):
+    """The repo has no adapter for the task at that revision; the message lists the tasks it has."""
+
+
+class HubOfflineError(HubError):
+    """The Hub cannot be reached (or offline mode is on) and what was asked for is not in the local cache."""

@@ -1,34 +1,43 @@
-"""Deployment fast path: fold each task's BatchNorm into the reprogramming layer in front of it.
+"""Deployment fast path: fold each task's BatchNorm into the reprogramming layer in front of it, and where the layer
+allows, fold both into the frozen conv before them.
 
-In eval mode a BatchNorm is a per-channel affine, and a reprogramming layer (a depthwise conv or a per-channel
-scale) followed by a per-channel affine is again one such layer, with a bias. :func:`fuse` folds every BatchNorm
-that directly consumes a reprogramming layer's output into it, so that pass over the feature map disappears, and
-checks on an example input that the outputs did not change. :func:`unfuse` takes it back.
+In eval mode a BatchNorm is a per-channel affine. :func:`fuse` finds, by one traced run, every BatchNorm that directly
+consumes a reprogramming layer's output and asks the layer for a folded form (:meth:`ReprogrammingLayer.fold_norm`);
+then it asks each layer whether it folds into the conv before it (:meth:`ReprogrammingLayer.fold_into_conv`), and
+checks on an example input that the outputs did not change. The folded tensors are copies held by the fused mode: the
+adapter's own tensors and the frozen weights are not touched. :func:`unfuse` takes it all back.
 
-A per-channel scale (``depthwise="scale"``) goes one step further: a conv followed by a per-channel affine is the
-same conv with scaled filters and a bias, so the scale and the BatchNorm are folded into the frozen conv's filters
-(into copies: the frozen weights are not touched) and the reprogramming layer and the norm both disappear from the
-fused model's work. This is done for ``nn.Conv2d`` and timm's ``Conv2dSame``, whose forwards are known.
-
-What cannot be folded exactly, and is left alone: GroupNorm / LayerNorm (their statistics depend on the input), and
-a reprogramming kernel into the conv before it (a dense k x k conv followed by a 3 x 3 depthwise one is a
-(k + 2) x (k + 2) conv, more work, not less; two 'same'-padded depthwise convs compose into a larger one everywhere
-except on the one-pixel border, where the zero padding of the intermediate map differs).
+Which kinds fold is each layer's own answer: a depthwise kernel takes its BatchNorm (a conv with a bias), a
+per-channel scale takes its BatchNorm and folds with it into a ``nn.Conv2d`` or timm ``Conv2dSame`` before it, and
+a kind without a fold runs unchanged. GroupNorm / LayerNorm are never folded (their statistics depend on the input).
 """
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from torch import nn
 
-from .attach import _FUSED_ATTR, _MULTITASK_ATTR, CLR_ATTR, _state, is_fused
+from ._override import conv_computations, override_forward, restore_forward
+from .attach import CLR_ATTR
 from .errors import CLRError
-from .layers import CLR_LAYERS, CLRScale, InstanceForward, conv_computations
+from .layers import ReprogrammingLayer
+from .state import FUSED, MULTITASK, find_state, get_state
 
 __all__ = ["fuse", "unfuse", "is_fused"]
 
 
-def _folded_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
+_OWNER = "clr_timm.fuse"
+
+
+def is_fused(model: nn.Module) -> bool:
+    """Whether :func:`fuse` has been applied (and not undone by :func:`unfuse`)."""
+    state = find_state(model)
+    return state is not None and FUSED in state.modes
+
+
+def _folded_norm_forward(module: nn.Module, inner, x: torch.Tensor) -> torch.Tensor:
     if module.training:
         raise CLRError(
             "this BatchNorm is folded into a reprogramming layer (clr_timm.fuse); call clr_timm.unfuse first"
@@ -39,11 +48,41 @@ def _folded_norm_forward(module: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return x
 
 
-def _folded_conv_forward(conv: nn.Module, compute, x: torch.Tensor) -> torch.Tensor:
+def _folded_layer_forward(folded: dict[str, torch.Tensor], layer: ReprogrammingLayer, inner, x: torch.Tensor):
+    return layer.compute_folded(x, folded)
+
+
+def _passthrough(layer: nn.Module, inner, x: torch.Tensor) -> torch.Tensor:
+    return x
+
+
+def _folded_conv_forward(compute, weight, bias, conv: nn.Module, inner, x: torch.Tensor) -> torch.Tensor:
     if conv.training:
-        raise CLRError("this conv has its reprogramming scale folded in (clr_timm.fuse); call clr_timm.unfuse first")
-    layer = getattr(conv, CLR_ATTR)
-    return compute(conv, x, layer._buffers["fused_conv_weight"], layer._buffers["fused_conv_bias"])
+        raise CLRError("this conv has its reprogramming layer folded in (clr_timm.fuse); call clr_timm.unfuse first")
+    return compute(conv, x, weight, bias)
+
+
+class _Fused:
+    """The fused mode: which modules carry a folded forward (the forwards hold the folded tensors).
+
+    Attributes:
+        norms: Conv name -> name of the BatchNorm folded into its reprogramming layer.
+        convs: Names of the convs their reprogramming layer (and its norm, if any) is folded into.
+    """
+
+    def __init__(self) -> None:
+        self.modules: list[nn.Module] = []
+        self.norms: dict[str, str] = {}
+        self.convs: list[str] = []
+
+    def override(self, module: nn.Module, fn) -> None:
+        override_forward(module, _OWNER, fn)
+        self.modules.append(module)
+
+    def remove(self, model: nn.Module) -> None:
+        for module in self.modules:
+            restore_forward(module, _OWNER)
+        self.modules.clear()
 
 
 def _example_input(model: nn.Module, example_input: torch.Tensor | None) -> torch.Tensor:
@@ -63,7 +102,7 @@ def _pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
     handles = []
     modules = dict(model.named_modules())
     for name, m in modules.items():
-        if isinstance(getattr(m, CLR_ATTR, None), CLR_LAYERS):
+        if isinstance(getattr(m, CLR_ATTR, None), ReprogrammingLayer):
 
             def record(mod, args, out, name=name):
                 produced[id(out)] = name
@@ -95,7 +134,8 @@ def _pairs(model: nn.Module, x: torch.Tensor) -> list[tuple[str, str]]:
 def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: float = 1e-4) -> nn.Module:
     """Fold BatchNorms into the reprogramming layers before them, for fast single-task inference (eval mode only).
 
-    Per-channel scales (``depthwise="scale"``) are folded, with their BatchNorm, into the conv before them as well.
+    Layers that allow it (per-channel scales, ``depthwise="scale"``) are folded, with their BatchNorm, into the conv
+    before them as well.
 
     Args:
         model: An attached model in eval mode (for example after :func:`~clr_timm.load_adapter`).
@@ -104,14 +144,15 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: floa
         atol: Largest absolute output difference accepted by the check (float rounding only).
 
     Returns:
-        The model, fused in place. The adapter's tensors and ``state_dict()`` are unchanged (the folded kernels are
-        non-persistent buffers), so :func:`~clr_timm.save_adapter` still saves the task exactly.
+        The model, fused in place. The adapter's tensors and ``state_dict()`` are unchanged (the folded copies belong
+        to the fused mode), so :func:`~clr_timm.save_adapter` still saves the task exactly. Fuse after moving the
+        model to its device and dtype.
 
     Raises:
         CLRError: If the model is not attached, is in train mode, is already fused, or the fused outputs differ.
     """
-    _state(model)
-    if getattr(model, _MULTITASK_ATTR, False):
+    state = get_state(model)
+    if MULTITASK in state.modes:
         raise CLRError(
             "this model is served by a MultiTaskModel, whose tasks share it: fusing would fold the current task's "
             "adapter into it under every task. Fuse a single-task model instead (clr_timm.load_adapter into a plain "
@@ -119,79 +160,60 @@ def fuse(model: nn.Module, example_input: torch.Tensor | None = None, atol: floa
         )
     if model.training:
         raise CLRError("fuse is for inference: call model.eval() first")
-    if is_fused(model):
+    if FUSED in state.modes:
         raise CLRError("model is already fused; call clr_timm.unfuse(model) first")
     x = _example_input(model, example_input)
     with torch.no_grad():
         reference = model(x)
-    pairs = _pairs(model, x)
+        norms = dict(_pairs(model, x))
+    mode = _Fused()
+    state.enter(FUSED, mode)
+    try:
+        with torch.no_grad():
+            _fold(model, norms, mode)
+            diff = (model(x) - reference).abs().max().item()
+    except BaseException:
+        state.leave(model, FUSED)
+        raise
+    if not diff <= atol:
+        state.leave(model, FUSED)
+        raise CLRError(f"fusing changed the outputs by {diff:.3g} (> {atol}); the model was left unfused")
+    return model
+
+
+def _fold(model: nn.Module, norms: dict[str, str], mode: _Fused) -> None:
+    """Fold each norm into its layer where the layer allows, then each layer into its conv where it allows."""
     modules = dict(model.named_modules())
-    with torch.no_grad():
-        for conv_name, norm_name in pairs:
-            layer, norm = getattr(modules[conv_name], CLR_ATTR), modules[norm_name]
+    convs = conv_computations()
+    for name, conv in modules.items():
+        layer = getattr(conv, CLR_ATTR, None)
+        if not isinstance(layer, ReprogrammingLayer):
+            continue
+        folded = None
+        if name in norms:
+            norm = modules[norms[name]]
             scale = (norm.running_var + norm.eps).rsqrt()
             if norm.weight is not None:
                 scale = scale * norm.weight
             shift = -norm.running_mean * scale
             if norm.bias is not None:
                 shift = shift + norm.bias
-            shape = (-1, 1, 1, 1) if layer.weight.dim() == 4 else (-1,)
-            layer.register_buffer("fused_weight", layer.weight * scale.reshape(shape), persistent=False)
-            layer.register_buffer("fused_bias", shift.to(layer.weight.dtype), persistent=False)
-            norm.forward = InstanceForward(_folded_norm_forward, norm)  # holds the norm weakly: no cycle
-        convs = _fold_scales_into_convs(modules)
-    setattr(model, _FUSED_ATTR, (pairs, convs))
-    with torch.no_grad():
-        diff = (model(x) - reference).abs().max().item()
-    if not diff <= atol:
-        unfuse(model)
-        raise CLRError(f"fusing changed the outputs by {diff:.3g} (> {atol}); the model was left unfused")
-    return model
-
-
-def _fold_scales_into_convs(modules: dict[str, nn.Module]) -> list[str]:
-    """Fold each per-channel scale (with the norm already folded into it, if any) into the conv before it.
-
-    The scaled filters and the bias are non-persistent buffers of the scale layer; the conv's forward is replaced on
-    the instance by the same computation with them, and the scale layer then passes its input through.
-    """
-    forwards = conv_computations()
-    folded = []
-    for name, conv in modules.items():
-        layer = getattr(conv, CLR_ATTR, None)
-        compute = forwards.get(type(conv).forward)
-        if not isinstance(layer, CLRScale) or compute is None or "forward" in conv.__dict__:
-            continue
-        scale = layer._buffers.get("fused_weight", layer.weight)
-        shift = layer._buffers.get("fused_bias")
-        if shift is None:
-            shift = torch.zeros_like(scale)
-        w = conv.weight * scale.to(conv.weight.dtype).reshape(-1, 1, 1, 1)
-        b = shift.to(conv.weight.dtype)
-        if conv.bias is not None:
-            b = b + conv.bias * scale.to(conv.weight.dtype)
-        layer.register_buffer("fused_conv_weight", w, persistent=False)
-        layer.register_buffer("fused_conv_bias", b, persistent=False)
-        conv.forward = InstanceForward(_folded_conv_forward, conv, compute)
-        folded.append(name)
-    return folded
+            folded = layer.fold_norm(scale, shift)
+            if folded is not None:
+                mode.norms[name] = norms[name]
+                mode.override(norm, _folded_norm_forward)
+                mode.override(layer, functools.partial(_folded_layer_forward, folded))
+        compute = convs.get(type(conv).forward)
+        into_conv = layer.fold_into_conv(conv.weight, conv.bias, folded) if compute is not None else None
+        if into_conv is not None:
+            mode.convs.append(name)
+            mode.override(conv, functools.partial(_folded_conv_forward, compute, *into_conv))
+            mode.override(layer, _passthrough)
 
 
 def unfuse(model: nn.Module) -> nn.Module:
     """Undo :func:`fuse`: the reprogramming layers and norms compute separately again (and can train)."""
-    fused = getattr(model, _FUSED_ATTR, None)
-    if fused is None:
+    if not is_fused(model):
         raise CLRError("model is not fused")
-    pairs, convs = fused
-    modules = dict(model.named_modules())
-    for conv_name in [c for c, _ in pairs] + convs:
-        layer = getattr(modules[conv_name], CLR_ATTR)
-        for buf in ("fused_weight", "fused_bias", "fused_conv_weight", "fused_conv_bias"):
-            if buf in layer._buffers:
-                del layer._buffers[buf]
-    for name in [n for _, n in pairs] + convs:
-        module = modules[name]
-        if "forward" in module.__dict__:
-            del module.__dict__["forward"]
-    delattr(model, _FUSED_ATTR)
+    get_state(model).leave(model, FUSED)
     return model

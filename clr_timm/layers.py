@@ -1,30 +1,141 @@
-"""The reprogramming layers inserted after a frozen conv.
+"""The reprogramming layers, and the protocol through which the rest of clr_timm uses any of them.
 
-``CLRConv2d`` is the paper's channel-wise lightweight reprogramming: a depthwise k x k conv (one kernel per channel,
-no bias, 'same' padding) initialised to the identity, so a freshly attached model computes exactly what it did
-before. ``CLRScale`` is the cheap alternative for the output of depthwise convs: one learned scale per channel.
+A reprogramming layer follows a frozen conv and transforms its output; it is the identity when attached, so a
+freshly attached model computes exactly what it did before. Every kind is a :class:`ReprogrammingLayer` subclass
+registered under a name with :func:`register_layer`, and owns everything about itself that the rest of the package
+needs: its tensors and their shapes (attach, counting, adapter validation), its identity initialisation (attach and
+new tasks), its computation with given tensors (memory-efficient recomputation), its per-sample forward (mixed-task
+batches) and how it folds into the norm after it or the conv before it (``fuse``). No other module branches on the
+kind.
+
+Built in:
+
+- ``"clr"``, :class:`CLRConv2d`: the paper's channel-wise lightweight reprogramming, a depthwise k x k conv (one
+  kernel per channel, no bias, 'same' padding) initialised to a centred 1.
+- ``"scale"``, :class:`CLRScale`: one learned scale per channel, the cheap alternative after depthwise convs.
 """
 
 from __future__ import annotations
 
-import copy
-import weakref
-from collections.abc import Callable
+import math
+from typing import Any, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-__all__ = ["CLRConv2d", "CLRScale", "CLR_LAYERS"]
+from .errors import ConfigError
+
+__all__ = ["ReprogrammingLayer", "CLRConv2d", "CLRScale", "register_layer", "layer_class", "layer_kinds"]
 
 
-class CLRConv2d(nn.Module):
+class ReprogrammingLayer(nn.Module):
+    """Base class of every reprogramming layer: what attach, fuse, mixed batches, counting and memory mode call.
+
+    A subclass sets :attr:`kind`, builds itself from the conv it follows (:meth:`from_conv`), declares its tensors
+    (:meth:`tensor_shapes`), initialises them to the identity (:meth:`reset_parameters`) and computes with given
+    tensors (:meth:`compute`, whose keyword arguments are its parameter names). Its ``forward`` calls ``compute`` with
+    its own parameters, written out so that TorchScript can compile it. The per-sample forward and the two folds have
+    defaults that are always correct: a loop over the samples, and "cannot fold".
+    """
+
+    kind: ClassVar[str] = ""
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, config: Any) -> ReprogrammingLayer:
+        """A new identity layer for the output of ``conv`` under a :class:`~clr_timm.CLRConfig`."""
+        w = conv.weight
+        return cls(int(conv.out_channels), device=w.device, dtype=w.dtype)
+
+    @classmethod
+    def tensor_shapes(cls, channels: int, config: Any) -> dict[str, tuple[int, ...]]:
+        """Name and shape of each of the layer's parameters, for a conv of ``channels`` outputs (no model needed)."""
+        raise NotImplementedError
+
+    @classmethod
+    def num_values(cls, channels: int, config: Any) -> int:
+        """How many values the layer adds to a task's adapter."""
+        return sum(math.prod(s) for s in cls.tensor_shapes(channels, config).values())
+
+    def reset_parameters(self) -> None:
+        """Set the layer to the identity."""
+        raise NotImplementedError
+
+    def compute(self, x: torch.Tensor, **params: torch.Tensor) -> torch.Tensor:
+        """The layer's computation on ``x`` with the given tensors (one per parameter name, of the same shapes)."""
+        raise NotImplementedError
+
+    def params(self) -> dict[str, torch.Tensor]:
+        """The layer's own tensors, by parameter name: what :meth:`compute` takes."""
+        return {n: p for n, p in self._parameters.items() if p is not None}
+
+    def forward_per_sample(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The layer on a batch whose samples each have their own tensors: ``params[name][i]`` is sample i's.
+
+        The default runs :meth:`compute` once per sample; built-in kinds override it with one vectorised call.
+        """
+        return torch.cat([self.compute(x[i : i + 1], **{n: t[i] for n, t in params.items()}) for i in range(len(x))])
+
+    def fold_norm(self, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor] | None:
+        """Tensors for :meth:`compute_folded` equal to this layer followed by ``y * scale + shift`` per channel (an
+        eval-mode BatchNorm), or None when that is not one layer of this kind (then the norm is not folded)."""
+        return None
+
+    def compute_folded(self, x: torch.Tensor, folded: dict[str, torch.Tensor]) -> torch.Tensor:
+        """The layer with :meth:`fold_norm`'s tensors."""
+        raise NotImplementedError
+
+    def fold_into_conv(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, folded: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+        """Filters and bias of one conv equal to the frozen conv (``weight``, ``bias``) followed by this layer, with
+        the norm after it if ``folded`` (from :meth:`fold_norm`) is given; None when that is not exact or costs more.
+        """
+        return None
+
+    def extra_repr(self) -> str:
+        return f"{getattr(self, 'channels', '')}"
+
+
+_REGISTRY: dict[str, type[ReprogrammingLayer]] = {}
+
+
+def register_layer(cls: type[ReprogrammingLayer]) -> type[ReprogrammingLayer]:
+    """Make a :class:`ReprogrammingLayer` subclass available to :class:`~clr_timm.CLRConfig` under ``cls.kind``.
+
+    Usable as a class decorator. Registering another class under a taken name replaces it (re-running a notebook
+    cell), and the built-in names are refused.
+    """
+    if not (isinstance(cls, type) and issubclass(cls, ReprogrammingLayer)) or not cls.kind:
+        raise ConfigError(f"register_layer takes a ReprogrammingLayer subclass with a kind name, got {cls!r}")
+    if cls.kind in _BUILT_IN and _REGISTRY.get(cls.kind, cls) is not cls:
+        raise ConfigError(f"{cls.kind!r} is a built-in reprogramming layer kind; give {cls.__name__} another kind")
+    _REGISTRY[cls.kind] = cls
+    return cls
+
+
+def layer_class(kind: str) -> type[ReprogrammingLayer]:
+    """The layer class registered under ``kind``."""
+    try:
+        return _REGISTRY[kind]
+    except (KeyError, TypeError):
+        raise ConfigError(f"unknown reprogramming layer kind {kind!r}; registered: {layer_kinds()}") from None
+
+
+def layer_kinds() -> list[str]:
+    """The registered layer kinds."""
+    return sorted(_REGISTRY)
+
+
+class CLRConv2d(ReprogrammingLayer):
     """Depthwise k x k reprogramming conv, identity at initialisation.
 
     Args:
         channels: Number of channels of the reprogrammed feature map.
         kernel_size: Odd kernel size k; padding k // 2 keeps the spatial size.
     """
+
+    kind = "clr"
 
     def __init__(
         self,
@@ -35,11 +146,20 @@ class CLRConv2d(nn.Module):
     ) -> None:
         super().__init__()
         if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ValueError(f"kernel_size must be odd and positive, got {kernel_size}")
+            raise ConfigError(f"kernel_size must be odd and positive, got {kernel_size}")
         self.channels = channels
         self.kernel_size = kernel_size
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size, device=device, dtype=dtype))
         self.reset_parameters()
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, config: Any) -> CLRConv2d:
+        w = conv.weight
+        return cls(int(conv.out_channels), config.kernel_size, device=w.device, dtype=w.dtype)
+
+    @classmethod
+    def tensor_shapes(cls, channels: int, config: Any) -> dict[str, tuple[int, ...]]:
+        return {"weight": (channels, 1, config.kernel_size, config.kernel_size)}
 
     def reset_parameters(self) -> None:
         """Set every kernel to the identity (a centred 1)."""
@@ -49,17 +169,36 @@ class CLRConv2d(nn.Module):
             self.weight[:, 0, c, c] = 1.0
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        p = self.kernel_size // 2
-        if "fused_bias" in self._buffers:  # clr_timm.fuse folded the following BatchNorm in
-            return F.conv2d(x, self._buffers["fused_weight"], self._buffers["fused_bias"], 1, p, 1, self.channels)
-        return F.conv2d(x, self.weight, None, 1, p, 1, self.channels)
+        return self.compute(x, self.weight)
+
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return F.conv2d(x, weight, None, 1, self.kernel_size // 2, 1, self.channels)
+
+    def forward_per_sample(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        # One depthwise conv per (sample, channel): a grouped conv over the batch folded into the channels.
+        b, c, k = x.shape[0], x.shape[1], self.kernel_size
+        w = params["weight"].reshape(b * c, 1, k, k)
+        y = F.conv2d(x.reshape(1, b * c, *x.shape[2:]), w, None, 1, k // 2, 1, b * c)
+        return y.view(b, c, *y.shape[2:])
+
+    def fold_norm(self, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight * scale.reshape(-1, 1, 1, 1), "bias": shift.to(self.weight.dtype)}
+
+    def compute_folded(self, x: torch.Tensor, folded: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.conv2d(x, folded["weight"], folded["bias"], 1, self.kernel_size // 2, 1, self.channels)
+
+    # fold_into_conv: a dense k x k conv followed by a depthwise one is a (k + 2) x (k + 2) conv, more work, not less;
+    # two 'same'-padded depthwise convs compose into a larger one everywhere except on the one-pixel border, where the
+    # zero padding of the intermediate map differs. So neither is folded (the base class's None).
 
     def extra_repr(self) -> str:
         return f"{self.channels}, kernel_size={self.kernel_size}"
 
 
-class CLRScale(nn.Module):
+class CLRScale(ReprogrammingLayer):
     """One learned scale per channel (the ``depthwise="scale"`` policy), identity at initialisation."""
+
+    kind = "scale"
 
     def __init__(
         self,
@@ -71,65 +210,43 @@ class CLRScale(nn.Module):
         self.channels = channels
         self.weight = nn.Parameter(torch.ones(channels, device=device, dtype=dtype))
 
+    @classmethod
+    def tensor_shapes(cls, channels: int, config: Any) -> dict[str, tuple[int, ...]]:
+        return {"weight": (channels,)}
+
     def reset_parameters(self) -> None:
         with torch.no_grad():
             self.weight.fill_(1.0)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if "fused_conv_weight" in self._buffers:  # clr_timm.fuse folded this scale into the conv's filters
-            return x
-        if "fused_bias" in self._buffers:  # clr_timm.fuse folded the following BatchNorm in
-            w, b = self._buffers["fused_weight"], self._buffers["fused_bias"]
-            return torch.addcmul(b.to(x.dtype).view(-1, 1, 1), x, w.to(x.dtype).view(-1, 1, 1))
-        return x * self.weight.to(x.dtype).view(-1, 1, 1)
+        return self.compute(x, self.weight)
 
-    def extra_repr(self) -> str:
-        return f"{self.channels}"
+    def compute(self, x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
+        return x * weight.to(x.dtype).view(-1, 1, 1)
 
+    def forward_per_sample(self, x: torch.Tensor, params: dict[str, torch.Tensor]) -> torch.Tensor:
+        b, c = x.shape[:2]
+        return x * params["weight"].to(x.dtype).view(b, c, *([1] * (x.ndim - 2)))
 
-CLR_LAYERS = (CLRConv2d, CLRScale)
+    def fold_norm(self, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor]:
+        return {"weight": self.weight * scale, "bias": shift.to(self.weight.dtype)}
 
+    def compute_folded(self, x: torch.Tensor, folded: dict[str, torch.Tensor]) -> torch.Tensor:
+        w, b = folded["weight"], folded["bias"]
+        return torch.addcmul(b.to(x.dtype).view(-1, 1, 1), x, w.to(x.dtype).view(-1, 1, 1))
 
-def conv_computations() -> dict:
-    """``type(conv).forward`` -> ``f(conv, x, weight, bias)``, the same conv with given filters, for the conv classes
-    whose forward is exactly one convolution (``nn.Conv2d`` and timm's ``Conv2dSame``, which pads first)."""
-    forwards = {nn.Conv2d.forward: _plain_conv}
-    try:
-        from timm.layers.conv2d_same import Conv2dSame
-    except ImportError:  # pragma: no cover - every supported timm has it
-        return forwards
-    forwards[Conv2dSame.forward] = _same_conv
-    return forwards
-
-
-def _plain_conv(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    return conv._conv_forward(x, w, b)
+    def fold_into_conv(
+        self, weight: torch.Tensor, bias: torch.Tensor | None, folded: dict[str, torch.Tensor] | None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        # A conv followed by a per-channel affine is the same conv with scaled filters and a bias.
+        scale = (folded or {}).get("weight", self.weight).to(weight.dtype)
+        shift = (folded or {}).get("bias")
+        b = torch.zeros_like(scale) if shift is None else shift.to(weight.dtype)
+        if bias is not None:
+            b = b + bias * scale
+        return weight * scale.reshape(-1, 1, 1, 1), b
 
 
-def _same_conv(conv: nn.Conv2d, x: torch.Tensor, w: torch.Tensor, b: torch.Tensor | None) -> torch.Tensor:
-    from timm.layers.conv2d_same import conv2d_same
-
-    return conv2d_same(x, w, b, conv.stride, conv.padding, conv.dilation, conv.groups)
-
-
-class InstanceForward:
-    """A ``forward`` set on one module instance: calls ``fn(module, *extra, *args, **kwargs)``.
-
-    It holds the module weakly, so that module -> ``__dict__`` -> forward -> module is no reference cycle (a deleted
-    model is freed at once, not at the next garbage collection), and a deep copy or a pickle of the module gets a
-    forward bound to the copy.
-    """
-
-    def __init__(self, fn: Callable, module: nn.Module, *extra) -> None:
-        self.fn, self.extra = fn, extra
-        self._module = weakref.ref(module)
-
-    def __call__(self, *args, **kwargs):
-        return self.fn(self._module(), *self.extra, *args, **kwargs)
-
-    def __deepcopy__(self, memo: dict) -> InstanceForward:
-        module = copy.deepcopy(self._module(), memo)
-        return InstanceForward(copy.deepcopy(self.fn, memo), module, *copy.deepcopy(self.extra, memo))
-
-    def __reduce__(self):
-        return InstanceForward, (self.fn, self._module(), *self.extra)
+_BUILT_IN = (CLRConv2d.kind, CLRScale.kind)
+register_layer(CLRConv2d)
+register_layer(CLRScale)

@@ -25,15 +25,15 @@ import threading
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .errors import CLRError
-from .layers import CLR_LAYERS, CLRConv2d, InstanceForward, conv_computations
+from ._override import conv_computations, override_forward, restore_forward
+from .layers import ReprogrammingLayer
+from .state import MEMORY_EFFICIENT, find_state, get_state
 
 __all__ = ["is_memory_efficient", "set_memory_efficient"]
 
-_ATTR = "_clr_memory_efficient"
+_OWNER = "clr_timm.memory"
 
 
 @dataclass(frozen=True)
@@ -45,11 +45,8 @@ class _Recompute:
     dtype: torch.dtype
 
     def __call__(self) -> torch.Tensor:
-        w = self.layer.weight.detach().to(self.dtype)
-        x = self.x.detach().to(self.dtype)
-        if isinstance(self.layer, CLRConv2d):
-            return F.conv2d(x, w, None, 1, self.layer.kernel_size // 2, 1, self.layer.channels)
-        return x * w.view(-1, 1, 1)
+        params = {n: p.detach().to(self.dtype) for n, p in self.layer.params().items()}
+        return self.layer.compute(self.x.detach().to(self.dtype), **params)
 
 
 @dataclass(frozen=True)
@@ -102,7 +99,10 @@ def _frozen(conv: nn.Module) -> bool:
     Parameters under the conv (e.g. a ``torch.nn.utils.parametrize`` parametrization such as LoRA) count.
     """
     return not any(
-        p.requires_grad for m in conv.modules() if not isinstance(m, CLR_LAYERS) for p in m.parameters(recurse=False)
+        p.requires_grad
+        for m in conv.modules()
+        if not isinstance(m, ReprogrammingLayer)
+        for p in m.parameters(recurse=False)
     )
 
 
@@ -117,31 +117,25 @@ class _MemoryEfficient:
 
     def __init__(self, model: nn.Module) -> None:
         self.notes = _Notes()
-        self.handles = [m.register_forward_hook(self._note) for m in model.modules() if isinstance(m, CLR_LAYERS)]
-        # wrappers hold their module weakly and this object holds none: no reference cycle through the model
-        model.__dict__["forward"] = InstanceForward(self._model_forward, model, model.__dict__.get("forward"))
+        layers = [m for m in model.modules() if isinstance(m, ReprogrammingLayer)]
+        self.handles = [m.register_forward_hook(self._note) for m in layers]
+        # overrides hold their module weakly and this object holds none: no reference cycle through the model
+        override_forward(model, _OWNER, self._model_forward)
         convs = conv_computations()
         for conv in model.modules():
-            if conv is not model and type(conv).forward in convs and "forward" not in conv.__dict__:
-                conv.__dict__["forward"] = InstanceForward(self._conv_forward, conv)
+            if conv is not model and type(conv).forward in convs:
+                override_forward(conv, _OWNER, self._conv_forward)
 
     def remove(self, model: nn.Module) -> None:
         for h in self.handles:
             h.remove()
         for module in model.modules():
-            forward = module.__dict__.get("forward")
-            if isinstance(forward, InstanceForward) and getattr(forward.fn, "__self__", None) is self:
-                before = forward.extra[0] if forward.extra else None  # the model's own instance forward, if any
-                if before is None:
-                    del module.__dict__["forward"]
-                else:
-                    module.__dict__["forward"] = before
+            restore_forward(module, _OWNER)
 
-    def _model_forward(self, model: nn.Module, before, *args, **kwargs):
+    def _model_forward(self, model: nn.Module, forward, *args, **kwargs):
         state = self.notes.get()
         state.outputs.clear()
         state.kept.clear()
-        forward = before if before is not None else type(model).forward.__get__(model)
         with torch.autograd.graph.saved_tensors_hooks(self._pack, self._unpack):
             state.contexts.append(model)
             try:
@@ -153,13 +147,13 @@ class _MemoryEfficient:
                 if not state.contexts:
                     self.notes.release()
 
-    def _conv_forward(self, conv: nn.Module, *args, **kwargs) -> torch.Tensor:
+    def _conv_forward(self, conv: nn.Module, forward, *args, **kwargs) -> torch.Tensor:
         state = self.notes.peek()
         if state is None or not state.contexts or not torch.is_grad_enabled() or not _frozen(conv):
-            return type(conv).forward(conv, *args, **kwargs)
+            return forward(*args, **kwargs)
         state.frozen.append(conv)
         try:
-            return type(conv).forward(conv, *args, **kwargs)
+            return forward(*args, **kwargs)
         finally:
             state.frozen.pop()
 
@@ -203,17 +197,15 @@ def set_memory_efficient(model: nn.Module, enabled: bool = True) -> nn.Module:
     Returns:
         The model.
     """
-    current = getattr(model, _ATTR, None)
-    if enabled and current is None:
-        if not any(isinstance(m, CLR_LAYERS) for m in model.modules()):
-            raise CLRError(f"{type(model).__name__} has no reprogramming layers: call clr_timm.attach(model) first")
-        object.__setattr__(model, _ATTR, _MemoryEfficient(model))
-    elif not enabled and current is not None:
-        current.remove(model)
-        object.__delattr__(model, _ATTR)
+    state = get_state(model)
+    if enabled and MEMORY_EFFICIENT not in state.modes:
+        state.enter(MEMORY_EFFICIENT, _MemoryEfficient(model))
+    elif not enabled:
+        state.leave(model, MEMORY_EFFICIENT)
     return model
 
 
 def is_memory_efficient(model: nn.Module) -> bool:
     """Whether :func:`set_memory_efficient` is on for ``model``."""
-    return getattr(model, _ATTR, None) is not None
+    state = find_state(model)
+    return state is not None and MEMORY_EFFICIENT in state.modes

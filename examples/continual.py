@@ -363,7 +363,7 @@ def oracle_routing(
 ) -> dict[str, Any]:
     """Route every test image of every task with the entropy oracle, without telling it the task.
 
-    Each batch is routed by :class:`clr_timm.EntropyOracle` (the task whose head is least uncertain) and then
+    Each batch is routed by :class:`clr_timm.multitask.EntropyOracle` (the task whose head is least uncertain) and then
     classified in one mixed-task pass, ``mt(x, tasks=routes)``.
 
     Returns:
@@ -479,7 +479,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     oracle = oracle_routing(reloaded, tasks, progress=progress)
 
     per_task_forgetting, mean_forgetting = forgetting(matrix)
-    costs = {t.name: _per_task_cost(mt, t.name, adapters_dir / t.name / clr_timm.ADAPTER_FILE) for t in tasks}
+    costs = {t.name: _per_task_cost(mt, t.name, adapters_dir / t.name / clr_timm.adapter.ADAPTER_FILE) for t in tasks}
     first = costs[names[0]]
     results: dict[str, Any] = {
         "model": args.model,
@@ -515,7 +515,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         "backbone_parameters": first["backbone"],
         "train_seconds_per_epoch": {n: sum(s) / len(s) for n, s in epoch_seconds.items()},
         "train_seconds": sum(sum(s) for s in epoch_seconds.values()),
-        "adapters": {n: str(adapters_dir / n / clr_timm.ADAPTER_FILE) for n in names},
+        "adapters": {n: str(adapters_dir / n / clr_timm.adapter.ADAPTER_FILE) for n in names},
         "environment": {
             "torch": torch.__version__,
             "timm": __import__("timm").__version__,

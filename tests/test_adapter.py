@@ -44,7 +44,7 @@ def test_file_holds_only_the_task_delta_and_its_metadata(trained):
     info = clr_timm.read_adapter(path)
     assert info.task == "pets" and info.label_names == ["a", "b", "c"] and info.num_classes == 3
     assert info.architecture == "resnet18" and info.config == clr_timm.CLRConfig()
-    assert info.backbone_fingerprint == clr_timm.backbone_fingerprint(model)
+    assert info.backbone_fingerprint == clr_timm.adapter.backbone_fingerprint(model)
     assert {"torch", "timm", "safetensors", "clr_timm"} <= set(info.versions)
     assert info.metadata["clr_format_version"] == str(FORMAT_VERSION)
 
@@ -80,6 +80,51 @@ def test_load_into_an_attached_model_replaces_its_adapter(trained):
     other = clr_timm.attach(make_model("resnet18", num_classes=3))
     clr_timm.load_adapter(other, path)
     assert_state_equal(state_copy(model), state_copy(other))
+
+
+def test_saving_leaves_the_model_as_it_was(trained, tmp_path):
+    model, _ = trained  # saved with task="pets" and label names: saving records nothing on the model
+    before = state_copy(model)
+    again = clr_timm.read_adapter(clr_timm.save_adapter(model, tmp_path / "again.safetensors"))
+    assert again.task is None and again.label_names is None
+    assert_state_equal(before, state_copy(model))
+
+
+def test_a_loaded_adapter_gives_the_task_and_labels_the_next_save_records(trained, tmp_path):
+    _, path = trained
+    fresh = clr_timm.load_adapter(make_model("resnet18", num_classes=3), path)
+    resaved = clr_timm.read_adapter(clr_timm.save_adapter(fresh, tmp_path / "resaved.safetensors"))
+    assert resaved.task == "pets" and resaved.label_names == ["a", "b", "c"]
+    renamed = clr_timm.read_adapter(clr_timm.save_adapter(fresh, tmp_path / "renamed.safetensors", task="cats"))
+    assert renamed.task == "cats"
+
+
+def test_task_names_the_task_a_single_file_must_record(trained):
+    _, path = trained
+    model = make_model("resnet18", num_classes=3)
+    before = state_copy(model)
+    with pytest.raises(clr_timm.AdapterMismatchError, match=r"records task 'pets', not task 'flowers'"):
+        clr_timm.load_adapter(model, path, task="flowers")
+    _assert_unchanged(model, before)
+    clr_timm.load_adapter(model, path, task="pets")
+    assert clr_timm.is_attached(model)
+
+
+def test_a_file_that_records_no_task_loads_only_without_task(trained, tmp_path):
+    model, _ = trained
+    anonymous = clr_timm.save_adapter(model, tmp_path / "anonymous.safetensors")
+    fresh = make_model("resnet18", num_classes=3)
+    with pytest.raises(clr_timm.AdapterMismatchError, match=r"records no task name, not task 'pets'"):
+        clr_timm.load_adapter(fresh, anonymous, task="pets")
+    assert clr_timm.is_attached(clr_timm.load_adapter(fresh, anonymous))
+
+
+def test_dtype_and_task_are_keyword_only(trained, tmp_path):
+    model, _ = trained
+    with pytest.raises(TypeError):
+        clr_timm.save_adapter(model, tmp_path / "x.safetensors", "fp16")
+    with pytest.raises(TypeError):
+        clr_timm.save_pretrained(model, tmp_path / "zoo", "pets")
 
 
 def test_save_requires_an_attached_model(tmp_path):

@@ -14,7 +14,7 @@ from ._models import assert_state_equal, make_input, make_model, state_copy, tra
 
 
 def _clr_layers(model):
-    return [m for m in model.modules() if isinstance(m, (clr_timm.CLRConv2d, clr_timm.CLRScale))]
+    return [m for m in model.modules() if isinstance(m, (clr_timm.layers.CLRConv2d, clr_timm.layers.CLRScale))]
 
 
 def test_config_round_trips_through_json():
@@ -45,7 +45,7 @@ def test_reprogramming_layers_are_depthwise_identity_kernels_without_bias():
     model = clr_timm.attach(make_model("resnet18"), kernel_size=5)
     conv1 = model.conv1
     layer = getattr(conv1, CLR_ATTR)
-    assert isinstance(layer, clr_timm.CLRConv2d)
+    assert isinstance(layer, clr_timm.layers.CLRConv2d)
     assert layer.weight.shape == (conv1.out_channels, 1, 5, 5)
     expected = torch.zeros(conv1.out_channels, 1, 5, 5)
     expected[:, 0, 2, 2] = 1

@@ -6,6 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
 
 import clr_timm
 from clr_timm.cli import main
@@ -67,6 +70,36 @@ def test_info_describes_an_adapter_file(tmp_path, capsys):
     assert kinds["norm_affine"][1] == f"{c.norm_affine:,}"
     assert kinds["head"][:2] == ["2", f"{c.head:,}"]
     assert kinds["total"][0] == str(len(clr_timm.read_adapter(path).tensors))
+
+
+def test_info_counts_every_tensor_of_a_reprogramming_layer_as_clr(tmp_path, capsys):
+    model = clr_timm.attach(make_model("resnet18", num_classes=3))
+    path = clr_timm.save_adapter(model, tmp_path / "a.safetensors")
+    with safe_open(str(path), framework="pt") as f:
+        metadata = f.metadata()
+    tensors = {**load_file(str(path)), "conv1.clr.bias": torch.zeros(64)}  # a layer kind with a bias too
+    save_file(tensors, str(path), metadata=metadata)
+    assert main(["info", str(path)]) == 0
+    out = capsys.readouterr().out
+    kinds = {line.split()[0]: line.split()[1:] for line in out.splitlines()[-6:]}
+    assert kinds["clr"][:2] == ["18", f"{clr_timm.count_parameters(model).clr + 64:,}"]
+    assert "reprogrammed convs    17" in out
+
+
+def test_info_describes_every_task_of_a_folder(tmp_path, capsys):
+    for task, n in (("cats", 3), ("dogs", 4)):
+        clr_timm.save_pretrained(clr_timm.attach(make_model("resnet18", num_classes=n)), tmp_path, task=task)
+    assert main(["info", str(tmp_path)]) == 0
+    out = capsys.readouterr().out
+    assert "tasks: cats, dogs" in out and "  dogs: 4 classes" in out
+    assert main(["info", str(tmp_path), "--task", "dogs", "--json"]) == 0
+    info = json.loads(capsys.readouterr().out)
+    assert info["kind"] == "adapter" and info["task"] == "dogs" and info["tensors_by_kind"]["clr"]["count"] == 17
+
+
+def test_a_path_starting_with_a_slash_is_never_taken_for_a_hub_repo(capsys):
+    assert main(["info", "/no-such-folder"]) == 2
+    assert "no adapter file, folder or Hub repo named /no-such-folder" in capsys.readouterr().err
 
 
 def test_info_of_a_missing_path_is_an_error(tmp_path, capsys):

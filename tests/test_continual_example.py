@@ -75,7 +75,7 @@ def test_each_saved_adapter_loads_into_a_plain_model_with_the_same_accuracy(quic
         args.tasks, args.image_size, mean, std, max_train=args.max_train, max_test=args.max_test, seed=args.seed
     )
     for task in tasks:
-        path = out / "adapters" / task.name / clr_timm.ADAPTER_FILE
+        path = out / "adapters" / task.name / clr_timm.adapter.ADAPTER_FILE
         assert path.is_file() and Path(results["adapters"][task.name]) == path
         adapter = clr_timm.read_adapter(path)
         assert adapter.task == task.name and adapter.label_names == task.classes

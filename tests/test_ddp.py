@@ -91,7 +91,9 @@ def test_two_processes_train_the_adapter_one_process_trains_on_the_global_batch(
     initial = clr_timm.adapter_state_dict(ddp_train.build_model(ddp_train.parse_args([*ARGS, "--out", "x"]), 10))
     moved = max((b[k] - initial[k]).abs().max().item() for k in b if b[k].is_floating_point())
     assert moved > 100 * ATOL, "training should move the adapter far more than the tolerance"
-    assert clr_timm.read_adapter(tmp_path / "ddp.safetensors").backbone_fingerprint == clr_timm.backbone_fingerprint(
+    assert clr_timm.read_adapter(
+        tmp_path / "ddp.safetensors"
+    ).backbone_fingerprint == clr_timm.adapter.backbone_fingerprint(
         clr_timm.attach(make_model("test_resnet", num_classes=10))
     )
 
@@ -103,7 +105,7 @@ def test_sync_batchnorm_converted_before_attach_gives_the_same_adapter_format():
     clr_timm.attach(synced)
     assert clr_timm.plan_targets(synced).norms == clr_timm.plan_targets(plain).norms
     assert list(clr_timm.adapter_state_dict(synced)) == list(clr_timm.adapter_state_dict(plain))
-    assert clr_timm.backbone_fingerprint(synced) == clr_timm.backbone_fingerprint(plain)
+    assert clr_timm.adapter.backbone_fingerprint(synced) == clr_timm.adapter.backbone_fingerprint(plain)
     trainable = [n for n, p in synced.named_parameters() if p.requires_grad]
     assert trainable == [n for n, p in plain.named_parameters() if p.requires_grad]
 

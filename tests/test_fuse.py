@@ -4,6 +4,7 @@ import pytest
 import torch
 
 import clr_timm
+from clr_timm.state import FUSED, get_state
 
 from ._models import assert_state_equal, make_input, make_model, state_copy, train_steps
 
@@ -38,26 +39,26 @@ def test_fused_model_gives_the_same_outputs(name, config):
 def test_fuse_folds_every_batchnorm_that_follows_a_reprogramming_layer():
     model = _trained("resnet50")
     clr_timm.fuse(model, example_input=make_input())
-    folded = [m for m in model.modules() if "fused_bias" in getattr(m, "_buffers", {})]
+    folded = get_state(model).modes[FUSED].norms
     assert len(folded) == clr_timm.count_parameters(model).num_reprogrammed == 17
 
 
 def test_fuse_folds_each_scale_and_its_batchnorm_into_the_conv_before_it():
     model = _trained("tf_efficientnet_lite0", depthwise="scale")
     x = make_input()
-    convs = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "clr", None), clr_timm.CLRScale)}
+    convs = {n: m for n, m in model.named_modules() if isinstance(getattr(m, "clr", None), clr_timm.layers.CLRScale)}
     assert {type(m).__name__ for m in convs.values()} == {"Conv2d", "Conv2dSame"}
     frozen = {n: m.weight.clone() for n, m in convs.items()}
     with torch.no_grad():
         expected = model(x)
     clr_timm.fuse(model, example_input=x)
+    assert sorted(get_state(model).modes[FUSED].convs) == sorted(convs)
     for n, m in convs.items():
-        assert "fused_conv_weight" in m.clr._buffers, n
         assert torch.equal(m.weight, frozen[n])  # folded into a copy: the frozen filters are untouched
     with pytest.raises(clr_timm.CLRError, match="unfuse"):
         next(iter(convs.values())).train()(torch.zeros(1, 16, 8, 8))
     clr_timm.unfuse(model)
-    assert not any("fused_conv_weight" in m.clr._buffers or "forward" in m.__dict__ for m in convs.values())
+    assert not any("forward" in m.__dict__ or "forward" in m.clr.__dict__ for m in convs.values())
     with torch.no_grad():
         assert torch.equal(model(x), expected)
 

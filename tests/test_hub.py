@@ -17,8 +17,8 @@ import torch
 from huggingface_hub import HfApi, ModelCard, constants
 
 import clr_timm
-from clr_timm._cli_hub import format_description
 from clr_timm.adapter import ADAPTER_FILE
+from clr_timm.cli import format_description
 from clr_timm.cli import main as cli
 from clr_timm.hub import CONFIG_FILE
 
@@ -235,11 +235,11 @@ def test_private_repo_needs_a_token(hub_server):
     model = _task_model(5, 0)
     clr_timm.push_to_hub(model, repo_id, task="pets", private=True, token=ALICE)
     assert hub_server.get_repo(repo_id).private
-    with pytest.raises(clr_timm.HubAuthError, match=f"{repo_id}.*private.*token"):
+    with pytest.raises(clr_timm.errors.HubAuthError, match=f"{repo_id}.*private.*token"):
         clr_timm.load_adapter(_fresh(), f"hf-hub:{repo_id}", task="pets")
-    with pytest.raises(clr_timm.HubAuthError):
+    with pytest.raises(clr_timm.errors.HubAuthError):
         clr_timm.list_tasks(repo_id)
-    with pytest.raises(clr_timm.HubRepoNotFoundError, match=repo_id):
+    with pytest.raises(clr_timm.errors.HubRepoNotFoundError, match=repo_id):
         clr_timm.load_adapter(_fresh(), f"hf-hub:{repo_id}", task="pets", token=BOB)
     fresh = clr_timm.load_adapter(_fresh(), f"hf-hub:{repo_id}", task="pets", token=ALICE)
     assert torch.equal(_out(fresh, x), _out(model, x))
@@ -248,24 +248,28 @@ def test_private_repo_needs_a_token(hub_server):
 def test_each_hub_failure_raises_its_own_error_saying_what_to_do(pushed, tmp_path):
     repo_id = pushed.repo_id
     fresh = _fresh()
-    with pytest.raises(clr_timm.HubRepoNotFoundError, match=r"alice/no-such-repo.*check the name"):
+    with pytest.raises(clr_timm.errors.HubRepoNotFoundError, match=r"alice/no-such-repo.*check the name"):
         clr_timm.load_adapter(fresh, "hf-hub:alice/no-such-repo", task="pets", token=ALICE)
-    with pytest.raises(clr_timm.TaskNotFoundError, match=r"no task 'cats'.*\['birds', 'flowers', 'pets'\]"):
+    with pytest.raises(clr_timm.errors.TaskNotFoundError, match=r"no task 'cats'.*\['birds', 'flowers', 'pets'\]"):
         clr_timm.load_adapter(fresh, f"hf-hub:{repo_id}", task="cats")
-    with pytest.raises(clr_timm.HubRevisionNotFoundError, match=r"'v9'.*branches: \['main'\]"):
+    with pytest.raises(clr_timm.errors.HubRevisionNotFoundError, match=r"'v9'.*branches: \['main'\]"):
         clr_timm.load_adapter(fresh, f"hf-hub:{repo_id}", task="pets", revision="v9")
-    with pytest.raises(clr_timm.HubOfflineError, match=r"not in the local cache.*local_files_only"):
+    with pytest.raises(clr_timm.errors.HubOfflineError, match=r"not in the local cache.*local_files_only"):
         clr_timm.load_adapter(fresh, f"hf-hub:{repo_id}", task="pets", cache_dir=tmp_path, local_files_only=True)
     assert not clr_timm.is_attached(fresh)  # every failed load leaves the model as it was
-    for error in (clr_timm.HubRepoNotFoundError, clr_timm.TaskNotFoundError, clr_timm.HubOfflineError):
+    for error in (
+        clr_timm.errors.HubRepoNotFoundError,
+        clr_timm.errors.TaskNotFoundError,
+        clr_timm.errors.HubOfflineError,
+    ):
         assert issubclass(error, clr_timm.HubError) and issubclass(error, clr_timm.AdapterError)
 
 
 def test_pushing_without_write_access_raises_hub_auth_error(hub_server):
     model = _task_model(3, 0)
-    with pytest.raises(clr_timm.HubAuthError, match="needs a token"):
+    with pytest.raises(clr_timm.errors.HubAuthError, match="needs a token"):
         clr_timm.push_to_hub(model, _new_repo(), task="pets", token=False)
-    with pytest.raises(clr_timm.HubAuthError, match="create_pr=True"):
+    with pytest.raises(clr_timm.errors.HubAuthError, match="create_pr=True"):
         clr_timm.push_to_hub(model, _new_repo("bob"), task="pets", token=ALICE)
 
 
@@ -329,9 +333,9 @@ def test_a_task_pulled_once_loads_with_no_server(hub_server, pushed, tmp_path, m
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", True)
     fresh = clr_timm.load_adapter(_fresh(), source, task="birds", cache_dir=tmp_path)
     assert torch.equal(_out(fresh, pushed.x), expected)
-    with pytest.raises(clr_timm.HubOfflineError, match=r"HF_HUB_OFFLINE.*in the cache: \['birds'\]"):
+    with pytest.raises(clr_timm.errors.HubOfflineError, match=r"HF_HUB_OFFLINE.*in the cache: \['birds'\]"):
         clr_timm.load_adapter(_fresh(), source, task="pets", cache_dir=tmp_path)
-    with pytest.raises(clr_timm.HubOfflineError, match="HF_HUB_OFFLINE"):
+    with pytest.raises(clr_timm.errors.HubOfflineError, match="HF_HUB_OFFLINE"):
         clr_timm.list_tasks(repo_id)
     assert len(hub_server.requests) == requests  # offline mode sent nothing
 
@@ -358,6 +362,17 @@ def test_save_pretrained_writes_the_hub_layout_and_loads_back(tmp_path):
     assert clr_timm.describe(tmp_path / "pets" / ADAPTER_FILE)["task"] == "pets"
 
 
+def test_describe_means_by_task_what_load_adapter_does(tmp_path):
+    clr_timm.save_pretrained(_task_model(5, 1), tmp_path, task="pets")
+    file = tmp_path / "pets" / ADAPTER_FILE
+    assert clr_timm.describe(tmp_path, task="pets")["path"] == str(file)  # in a folder: the task's subfolder
+    assert clr_timm.describe(file, task="pets")["task"] == "pets"  # for a file: the task it must record
+    with pytest.raises(clr_timm.AdapterMismatchError, match="records task 'pets', not task 'birds'"):
+        clr_timm.describe(file, task="birds")
+    with pytest.raises(clr_timm.AdapterError, match=r"no task 'birds'.*\['pets'\]"):
+        clr_timm.describe(tmp_path, task="birds")
+
+
 def test_push_folder_uploads_every_task_in_one_commit(hub_server, tmp_path):
     repo_id = _new_repo()
     for seed, (task, n) in enumerate(TASKS.items()):
@@ -380,7 +395,7 @@ def test_task_none_uses_the_repo_root(hub_server):
     repo_id, x = _new_repo(), _x()
     model = _task_model(4, 0)
     clr_timm.push_to_hub(_task_model(3, 1), repo_id, task="pets", token=ALICE)
-    with pytest.raises(clr_timm.TaskNotFoundError, match=r"no adapter at its root.*\['pets'\]"):
+    with pytest.raises(clr_timm.errors.TaskNotFoundError, match=r"no adapter at its root.*\['pets'\]"):
         clr_timm.load_adapter(_fresh(), f"hf-hub:{repo_id}")
     info = clr_timm.push_to_hub(model, repo_id, token=ALICE)
     assert hub_server.get_repo(repo_id).commits[info.oid].title == "Add CLR adapter for the repo root"

@@ -222,7 +222,7 @@ def short_timeouts(monkeypatch: pytest.MonkeyPatch) -> float:
 
 def test_a_hub_that_answers_too_slowly_raises_a_hub_error_saying_so(faults, repo, cache, sleeps, short_timeouts):
     faults.delay(RESOLVE.format(task="pets"), 5 * short_timeouts, times=None, method="HEAD")
-    _assert_refused(clr_timm.HubOfflineError, r"did not answer within.*HF_HUB_ETAG_TIMEOUT", repo, "pets", cache)
+    _assert_refused(clr_timm.errors.HubOfflineError, r"did not answer within.*HF_HUB_ETAG_TIMEOUT", repo, "pets", cache)
     assert _assert_cache_consistent(faults, cache) == []
 
 
@@ -241,7 +241,9 @@ def test_a_cached_task_loads_while_the_hub_is_too_slow(faults, repo, cache, slee
 def test_a_hub_that_is_down_raises_hub_offline_error_for_a_task_not_in_the_cache(faults, repo, cache, sleeps):
     _assert_loads_as_pushed(repo, "flowers", cache)
     with faults.stopped():
-        _assert_refused(clr_timm.HubOfflineError, r"'pets'.*not in the local cache.*\['flowers'\]", repo, "pets", cache)
+        _assert_refused(
+            clr_timm.errors.HubOfflineError, r"'pets'.*not in the local cache.*\['flowers'\]", repo, "pets", cache
+        )
         _assert_loads_as_pushed(repo, "flowers", cache)
     assert _assert_cache_consistent(faults, cache) == [f"flowers/{ADAPTER_FILE}"]
 
@@ -253,14 +255,14 @@ def test_a_task_deleted_between_listing_and_download_raises_task_not_found(fault
     assert clr_timm.list_tasks(own_repo.repo_id) == sorted(TASKS)
     path = f"pets/{ADAPTER_FILE}"
     faults.on_request(RESOLVE.format(task="pets"), lambda: faults.delete_file(own_repo.repo_id, path), method="HEAD")
-    _assert_refused(clr_timm.TaskNotFoundError, r"no task 'pets'.*\['flowers'\]", own_repo, "pets", cache)
+    _assert_refused(clr_timm.errors.TaskNotFoundError, r"no task 'pets'.*\['flowers'\]", own_repo, "pets", cache)
     assert _assert_cache_consistent(faults, cache) == []
 
 
 def test_a_task_deleted_between_metadata_and_download_raises_task_not_found(faults, own_repo, cache):
     path = f"pets/{ADAPTER_FILE}"
     faults.on_request(RESOLVE.format(task="pets"), lambda: faults.delete_file(own_repo.repo_id, path), method="GET")
-    _assert_refused(clr_timm.TaskNotFoundError, r"no task 'pets'.*\['flowers'\]", own_repo, "pets", cache)
+    _assert_refused(clr_timm.errors.TaskNotFoundError, r"no task 'pets'.*\['flowers'\]", own_repo, "pets", cache)
     assert _assert_cache_consistent(faults, cache) == []
 
 
@@ -268,7 +270,7 @@ def test_a_multitask_model_is_not_built_when_a_listed_task_disappears(faults, ow
     path = f"pets/{ADAPTER_FILE}"
     faults.on_request(RESOLVE.format(task="pets"), lambda: faults.delete_file(own_repo.repo_id, path), method="HEAD")
     model = _fresh()
-    with pytest.raises(clr_timm.TaskNotFoundError, match="no task 'pets'"):
+    with pytest.raises(clr_timm.errors.TaskNotFoundError, match="no task 'pets'"):
         clr_timm.MultiTaskModel.from_pretrained(model, own_repo.source, cache_dir=cache)
     assert not clr_timm.is_attached(model)
     assert _assert_cache_consistent(faults, cache) == [f"flowers/{ADAPTER_FILE}"]

@@ -201,7 +201,7 @@ def _perturbed_custom(model: nn.Module) -> nn.Module:
     clr_timm.attach(model)
     with torch.no_grad():
         for layer in model.modules():
-            if isinstance(layer, clr_timm.CLRConv2d):
+            if isinstance(layer, clr_timm.layers.CLRConv2d):
                 layer.weight.add_(0.1 * torch.randn(layer.weight.shape))
     return model.train()
 
@@ -220,7 +220,7 @@ def test_off_detach_errors_and_copies():
     clr_timm.set_memory_efficient(model, False)
     assert not clr_timm.is_memory_efficient(model)
     assert (len(model._forward_pre_hooks), len(model._forward_hooks)) == hooks
-    assert not any(m._forward_hooks for m in model.modules() if isinstance(m, clr_timm.CLRConv2d))
+    assert not any(m._forward_hooks for m in model.modules() if isinstance(m, clr_timm.layers.CLRConv2d))
     assert every == {n: (len(m._forward_pre_hooks), len(m._forward_hooks)) for n, m in model.named_modules()}
     assert not any("forward" in m.__dict__ for m in model.modules())
     clr_timm.set_memory_efficient(model)

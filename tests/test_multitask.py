@@ -10,7 +10,8 @@ import torch
 from torch import nn
 
 import clr_timm
-from clr_timm import AdapterMismatchError, CLRError, EntropyOracle, MultiTaskModel
+from clr_timm import AdapterMismatchError, CLRError, MultiTaskModel
+from clr_timm.multitask import EntropyOracle
 
 from ._models import assert_state_equal, make_input, make_model, train_steps
 
@@ -221,7 +222,7 @@ def test_other_norms_and_scale_layers_work_in_mixed_batches():
     for task, n in SIZES.items():
         mt.add_task(task, n)
     _perturb(mt)
-    assert isinstance(mt.model.dw.clr, clr_timm.CLRScale) and "norm.weight" in mt.adapter_state_dict("a")
+    assert isinstance(mt.model.dw.clr, clr_timm.layers.CLRScale) and "norm.weight" in mt.adapter_state_dict("a")
     x = make_input(batch=4, size=16)
     tasks = ["b", "a", "c", "b"]
     mixed = _out(mt, x, tasks=tasks)
@@ -316,6 +317,25 @@ def test_single_task_files_load_as_tasks(tmp_path):
         assert torch.equal(_out(mt, x, task=task), outputs[task])
     assert mt.load_task(None, paths["pets"]) == "pets-v1", "named after the task recorded in the file"
     assert torch.equal(_out(mt, x, task="pets-v1"), outputs["pets"])
+
+
+def test_load_task_checks_the_task_a_file_records(tmp_path):
+    mt = _mt()
+    path = mt.save_task("b", tmp_path / "b.safetensors", dtype="fp16")
+    with pytest.raises(AdapterMismatchError, match=r"records task 'b', not task 'c'"):
+        mt.load_task("b2", path, task="c")
+    assert mt.tasks == ["a", "b", "c"]
+    assert mt.load_task("b2", path, task="b") == "b2" and mt.adapters["b2"].num_classes == 5
+
+
+def test_a_saved_task_records_its_own_label_names_only(tmp_path):
+    model = clr_timm.attach(make_model("resnet18"))
+    clr_timm.reset_adapter(model, num_classes=3)
+    labelled = clr_timm.save_adapter(model, tmp_path / "pets.safetensors", task="pets", label_names=["x", "y", "z"])
+    mt = MultiTaskModel(clr_timm.load_adapter(make_model("resnet18"), labelled), task="pets")
+    mt.add_task("birds", 3)
+    assert clr_timm.read_adapter(mt.save_task("birds", tmp_path / "birds.safetensors")).label_names is None
+    assert clr_timm.read_adapter(mt.save_task("pets", tmp_path / "pets2.safetensors")).label_names == ["x", "y", "z"]
 
 
 def test_an_adapter_that_does_not_fit_adds_no_task(tmp_path):

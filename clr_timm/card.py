@@ -1,0 +1,516 @@
+"""The files around an adapter: ``clr_config.json``, the model card, and folders of tasks on disk.
+
+One folder (or Hub repo) per backbone holds many tasks, one subfolder per task (``task=None`` uses the root)::
+
+    README.md                        model card: Hub metadata, a table of the tasks, a usage snippet
+    pets/clr_adapter.safetensors     the task's adapter (see :mod:`clr_timm.adapter`)
+    pets/clr_config.json             what it holds, for people: config, classes, label names, base model, sizes
+    flowers/...
+
+This module writes and reads that layout on disk, renders the card, and says what an adapter or a folder holds
+(:func:`describe_file`, :func:`describe_local`); :mod:`clr_timm.hub` moves the same files to and from the Hub.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import re
+import shlex
+from collections import Counter
+from contextlib import suppress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .adapter import (
+    ADAPTER_FILE,
+    FORMAT_NAME,
+    FORMAT_VERSION,
+    AdapterFile,
+    _check_task_name,
+    atomic_path,
+    read_adapter,
+    write_adapter,
+)
+from .attach import CLR_ATTR, plan_targets
+from .config import CLRConfig
+from .count import ParameterCount, count_parameters
+from .errors import AdapterError, HubError
+from .source import check_recorded_task, task_file
+
+__all__ = [
+    "CONFIG_FILE",
+    "CARD_FILE",
+    "LIBRARY_NAME",
+    "TaskFiles",
+    "summarize",
+    "dump_summary",
+    "read_summary",
+    "local_tasks",
+    "write_task_folder",
+    "model_license",
+    "check_one_backbone",
+    "render_card",
+    "write_local_card",
+    "describe_file",
+    "describe_collection",
+    "describe_local",
+    "task_label",
+]
+
+CONFIG_FILE = "clr_config.json"
+CARD_FILE = "README.md"
+LIBRARY_NAME = "clr-timm"
+_CARD_START = "<!-- clr-timm:tasks:start -->"
+_CARD_END = "<!-- clr-timm:tasks:end -->"
+_CARD_BLOCK = re.compile(re.escape(_CARD_START) + r".*?" + re.escape(_CARD_END), re.DOTALL)
+_CARD_TAGS = ("clr", "continual-learning", "timm", "image-classification")
+_DEFAULT_LICENSE = "apache-2.0"  # timm's default for cards it writes
+_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
+_KINDS = ("clr", "norm_affine", "norm_stats", "head", "norm_affine / head")
+
+
+def task_label(task: str | None) -> str:
+    """How messages name a task: ``task 'pets'``, or the adapter at the root."""
+    return f"task {task!r}" if task is not None else "the adapter at the repo root (task=None)"
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8", newline="\n") as f:
+        f.write(text)
+
+
+def _human_bytes(n: int | None) -> str:
+    if n is None:
+        return "?"
+    if n < 1000:
+        return f"{n} B"
+    size = float(n)
+    for unit in ("kB", "MB"):
+        size /= 1000
+        if size < 1000:
+            return f"{size:.1f} {unit}"
+    return f"{size / 1000:.1f} GB"
+
+
+# ----------------------------------------------------------------------------------------------- clr_config.json
+
+
+def _license_of(info: dict[str, Any]) -> str | None:
+    """License of the timm weights an adapter was made for, from timm's registry of pretrained configs."""
+    if not info.get("architecture") or not info.get("pretrained_tag"):
+        return None
+    with suppress(Exception):  # a model timm does not know (renamed, custom): no license to inherit
+        from timm.models import get_pretrained_cfg
+
+        cfg = get_pretrained_cfg(f"{info['architecture']}.{info['pretrained_tag']}")
+        return getattr(cfg, "license", None) if cfg is not None else None
+    return None
+
+
+def _count_from_metadata(adapter: AdapterFile) -> ParameterCount | None:
+    """The parameter count of an adapter without its model: rebuild the architecture on the meta device."""
+    if not adapter.architecture:
+        return None
+    try:
+        import timm
+
+        name = adapter.base_model or adapter.architecture
+        with torch.device("meta"):
+            model = timm.create_model(name, pretrained=False, num_classes=adapter.num_classes or 0)
+        return count_parameters(model, adapter.config)
+    except Exception:  # an architecture this timm does not have: the sizes stay unknown, the upload still works
+        return None
+
+
+def summarize(adapter: AdapterFile, count: ParameterCount | None, license: str | None = None) -> dict[str, Any]:
+    """The content of ``clr_config.json``: everything a person (or the model card) wants to know about an adapter."""
+    path = Path(adapter.path)
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values() if t.is_floating_point())
+    parameters = None
+    if count is not None:
+        parameters = {
+            k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in count.to_dict().items()
+        }
+    info = {"architecture": adapter.architecture, "pretrained_tag": adapter.pretrained_tag}
+    return {
+        "format": FORMAT_NAME,
+        "format_version": int(adapter.metadata.get("clr_format_version", FORMAT_VERSION)),
+        "adapter_file": ADAPTER_FILE,
+        "task": adapter.task,
+        "num_classes": adapter.num_classes,
+        "label_names": adapter.label_names,
+        "config": adapter.config.to_dict(),
+        "base_model": {
+            "name": adapter.base_model,
+            "architecture": adapter.architecture,
+            "pretrained_tag": adapter.pretrained_tag,
+            "hf_hub_id": adapter.hf_hub_id,
+            "license": license or _license_of(info),
+            "backbone_fingerprint": adapter.backbone_fingerprint,
+        },
+        "parameters": parameters,
+        "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
+        "num_tensors": len(adapter.tensors),
+        "num_values": adapter.num_values(),
+        "file_size": path.stat().st_size,
+        "versions": adapter.versions,
+    }
+
+
+def dump_summary(summary: dict[str, Any]) -> str:
+    """The text of ``clr_config.json``."""
+    return json.dumps(summary, indent=2) + "\n"
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A ``clr_config.json``, read; :class:`AdapterError` when it is not a JSON object."""
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise AdapterError(f"{path} is not a readable JSON file ({e}); delete it and save the adapter again") from e
+    if not isinstance(data, dict):
+        raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
+    return data
+
+
+@dataclass
+class TaskFiles:
+    """One task's files, on disk or in a repo: where it lives, what its clr_config.json says, its adapter size."""
+
+    task: str | None
+    summary: dict[str, Any]
+    file_size: int | None
+    adapter: Path | None = None
+    config: Path | None = None
+
+
+def local_tasks(folder: Path, validate: bool = True) -> list[TaskFiles]:
+    """The adapters of a ``save_pretrained`` folder: the root one (task None) first, then the task folders."""
+    candidates = [(None, folder)] if (folder / ADAPTER_FILE).is_file() else []
+    candidates += [(p.name, p) for p in sorted(folder.iterdir()) if p.is_dir() and (p / ADAPTER_FILE).is_file()]
+    tasks = []
+    for name, where in candidates:
+        adapter_path, config_path = where / ADAPTER_FILE, where / CONFIG_FILE
+        if config_path.is_file():
+            summary = read_summary(config_path)
+            if validate:
+                read_adapter(adapter_path)
+        else:
+            adapter = read_adapter(adapter_path)
+            summary = summarize(adapter, _count_from_metadata(adapter))
+            config_path = None
+        tasks.append(TaskFiles(name, summary, adapter_path.stat().st_size, adapter_path, config_path))
+    return tasks
+
+
+# ---------------------------------------------------------------------------------------------------- model card
+
+
+def _base_model_id(summary: dict[str, Any]) -> str | None:
+    base = summary.get("base_model") or {}
+    hub_id = base.get("hf_hub_id")
+    if isinstance(hub_id, str) and hub_id.count("/") == 1 and not hub_id.endswith("/"):
+        return hub_id
+    if base.get("architecture") and base.get("pretrained_tag"):
+        return f"timm/{base['architecture']}.{base['pretrained_tag']}"
+    return None
+
+
+def _base_name(t: TaskFiles) -> str | None:
+    base = t.summary.get("base_model") or {}
+    return base.get("name") or base.get("architecture")
+
+
+def check_one_backbone(where: str, tasks: list[TaskFiles]) -> None:
+    """Refuse to mix adapters of different base models in one repo (one repo per backbone, one card per base)."""
+    named = [t for t in tasks if _base_name(t)]
+    for t in named[1:]:
+        if _base_name(t) != _base_name(named[0]):
+            raise HubError(
+                f"{where} holds adapters for {_base_name(named[0])!r} ({task_label(named[0].task)}), and "
+                f"{task_label(t.task)} is for {_base_name(t)!r}: keep one base model per repo, push to another repo"
+            )
+    fingerprints: dict[str, tuple[str | None, str]] = {}
+    for t in tasks:
+        fingerprint = (t.summary.get("base_model") or {}).get("backbone_fingerprint")
+        if not fingerprint:
+            continue
+        # The fingerprint covers the frozen tensors, which depend on the config: compare like with like.
+        key = json.dumps(t.summary.get("config"), sort_keys=True)
+        first_task, first = fingerprints.setdefault(key, (t.task, fingerprint))
+        if fingerprint != first:
+            raise HubError(
+                f"{where}: {task_label(t.task)} was trained on other backbone weights than {task_label(first_task)} "
+                f"(fingerprint {fingerprint} != {first}): keep one backbone per repo, push to another repo"
+            )
+
+
+def _usage(repo_id: str | None, summary: dict[str, Any], task: str | None) -> str:
+    base = summary.get("base_model") or {}
+    name = base.get("name") or base.get("architecture") or "<timm model name>"
+    source = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/NAME"
+    task_arg = f", task={json.dumps(task)}" if task is not None else ""
+    cli_repo = repo_id or "ORG/NAME"
+    cli_task = f" --task {shlex.quote(task)}" if task is not None else ""
+    lines = [
+        "## Usage",
+        "",
+        "```python",
+        "import timm",
+        "import clr_timm",
+        "",
+        f'model = timm.create_model("{name}", pretrained=True)',
+        f'clr_timm.load_adapter(model, "{source}"{task_arg})  # attaches CLR, sizes the head, checks the base model',
+        "model.eval()",
+        "```",
+        "",
+        f'The tasks of this repo: `clr_timm.list_tasks("{cli_repo}")`. From the shell: '
+        f"`clr-timm pull {cli_repo}{cli_task}` downloads a task into the Hub cache, where it stays available offline.",
+    ]
+    if repo_id is None:
+        lines += ["", "(Replace ORG/NAME by the repo this folder is uploaded to, or load from the folder's path.)"]
+    return "\n".join(lines)
+
+
+def _row(t: TaskFiles) -> str:
+    """One line of the card's table of tasks."""
+    s, p = t.summary, t.summary.get("parameters") or {}
+    per_task, percent, head, classes = (
+        p.get("per_task"),
+        p.get("percent_of_backbone"),
+        p.get("head"),
+        s.get("num_classes"),
+    )
+    cells = [
+        f"`{t.task}`" if t.task is not None else "(repo root)",
+        str(classes) if classes is not None else "?",
+        f"{per_task:,}" if isinstance(per_task, int) else "?",
+        f"{percent:.3f}%" if isinstance(percent, (int, float)) else "?",
+        f"{head:,}" if isinstance(head, int) else "?",
+        _human_bytes(t.file_size) + (f" ({s['dtype']})" if s.get("dtype") else ""),
+    ]
+    return f"| {' | '.join(cells)} |"
+
+
+def _tasks_block(repo_id: str | None, tasks: list[TaskFiles]) -> str:
+    """The generated part of the card, between the markers: the table of tasks and how to use them."""
+    tasks = sorted(tasks, key=lambda t: (t.task is not None, t.task or ""))
+    backbone = next(
+        (b for t in tasks if isinstance(b := (t.summary.get("parameters") or {}).get("backbone"), int)), None
+    )
+    shared = f" (its {backbone:,} parameters)" if backbone is not None else ""
+    example = next((t for t in tasks if t.task is not None), tasks[0])
+    return "\n".join(
+        [
+            _CARD_START,
+            "<!-- clr-timm rewrites this section on every push: write your own text outside these markers. -->",
+            "## Tasks",
+            "",
+            "| Task | Classes | Parameters per task | % of backbone | Head | File |",
+            "|---|---:|---:|---:|---:|---:|",
+            *(_row(t) for t in tasks),
+            "",
+            "Parameters per task: the depthwise reprogramming kernels and the task's normalisation layers, without its "
+            f"head. The backbone{shared} is frozen and shared by every task, so adding a task never changes another.",
+            "",
+            _usage(repo_id, example.summary, example.task),
+            _CARD_END,
+        ]
+    )
+
+
+def render_card(
+    existing: str | None, repo_id: str | None, title: str, tasks: list[TaskFiles], license: str | None = None
+) -> str:
+    """The model card: Hub metadata updated, the generated block replaced, everything a person wrote kept."""
+    from huggingface_hub import ModelCard, ModelCardData
+
+    base = next((b for b in (_base_model_id(t.summary) for t in tasks) if b), None)
+    block = _tasks_block(repo_id, tasks)
+    if existing is None:
+        name = next((n for n in map(_base_name, tasks) if n), None)
+        intro = (
+            "Channel-wise Lightweight Reprogramming (CLR, Ge et al., ICCV 2023) adapters"
+            + (f" for the timm model `{name}`" if name else "")
+            + ": the backbone stays frozen and is shared by every task, and each task adds a small adapter of its own "
+            "(depthwise reprogramming kernels after the convolutions, normalisation layers and head), made with "
+            "`clr-timm`."
+        )
+        card = ModelCard(f"---\nlibrary_name: {LIBRARY_NAME}\n---\n\n# {title}\n\n{intro}\n\n{block}\n")
+    else:
+        try:
+            card = ModelCard(existing)
+        except Exception as e:  # yaml errors, a metadata block that is not a mapping
+            raise HubError(
+                f"the existing {CARD_FILE} of {repo_id or title} has metadata that does not parse ({e}): fix its "
+                "YAML header, then push again"
+            ) from e
+        text = card.text
+        if _CARD_BLOCK.search(text):
+            text = _CARD_BLOCK.sub(lambda _: block, text, count=1)
+        else:
+            text = text.rstrip("\n") + f"\n\n{block}\n"
+        card.text = text
+    data: ModelCardData = card.data
+    data.library_name = LIBRARY_NAME
+    if base:
+        data.base_model = base
+    data.pipeline_tag = "image-classification"
+    licenses = [(t.summary.get("base_model") or {}).get("license") for t in tasks]
+    data.license = license or data.license or next((x for x in licenses if x), None) or _DEFAULT_LICENSE
+    tags = [t for t in (data.tags or []) if not t.startswith("base_model:adapter:")]
+    ours = [*_CARD_TAGS, *([f"base_model:adapter:{base}"] if base else [])]
+    data.tags = tags + [t for t in ours if t not in tags]
+    return str(card)
+
+
+def write_local_card(folder: Path) -> None:
+    """Write (or update) the ``README.md`` card of a ``save_pretrained`` folder from the tasks in it."""
+    tasks = local_tasks(folder, validate=False)
+    if not tasks:
+        return
+    path = folder / CARD_FILE
+    existing = path.read_text(encoding="utf-8") if path.is_file() else None
+    _atomic_write_text(path, render_card(existing, None, folder.resolve().name, tasks))
+
+
+def model_license(model: torch.nn.Module) -> str | None:
+    """The license timm records for a model's pretrained weights, if any."""
+    cfg = getattr(model, "pretrained_cfg", None) or {}
+    return cfg.get("license") if isinstance(cfg, dict) else getattr(cfg, "license", None)
+
+
+def write_task_folder(
+    adapter: AdapterFile,
+    folder: Path,
+    task: str | None,
+    *,
+    count: ParameterCount | None = None,
+    license: str | None = None,
+    overwrite: bool = False,
+) -> TaskFiles:
+    """Write an adapter and its ``clr_config.json`` into ``folder/<task>`` (None: ``folder``), without a card.
+
+    Args:
+        adapter: What to write (:func:`~clr_timm.adapter.extract_adapter`).
+        folder: The folder of the whole collection.
+        task: The task's subfolder.
+        count: The adapter's parameter count, for ``clr_config.json`` (None: rebuilt from the metadata).
+        license: The base model's license, for ``clr_config.json``.
+        overwrite: As in :func:`~clr_timm.adapter.write_adapter`.
+
+    Returns:
+        The task's files (its folder is ``.adapter.parent``), checked as they were written.
+    """
+    _check_task_name(task)
+    if folder.is_file():
+        raise AdapterError(
+            f"{folder} is a file; save_pretrained writes a folder (use clr_timm.save_adapter for a file)"
+        )
+    target = folder / task if task is not None else folder
+    written = write_adapter(adapter, target / ADAPTER_FILE, overwrite=overwrite)
+    summary = summarize(written, count if count is not None else _count_from_metadata(written), license)
+    _atomic_write_text(target / CONFIG_FILE, dump_summary(summary))
+    return TaskFiles(task, summary, summary["file_size"], target / ADAPTER_FILE, target / CONFIG_FILE)
+
+
+# ------------------------------------------------------------------------------------------------------ describe
+
+
+def _kind(key: str, head: tuple[str, ...] | None) -> str:
+    """The kind of an adapter tensor from its key; ``head`` is None when the head's modules are unknown."""
+    if f".{CLR_ATTR}." in f".{key}":
+        return "clr"
+    if head and key.startswith(head):
+        return "head"
+    if key.rsplit(".", 1)[-1] in _STAT_BUFFERS:
+        return "norm_stats"
+    return "norm_affine" if head is not None else "norm_affine / head"
+
+
+def _head_prefixes(architecture: str | None, num_classes: int | None, config: CLRConfig) -> tuple[str, ...] | None:
+    """Module prefixes of the head of ``architecture``, from a weightless (meta) build of it; None when unknown."""
+    import timm
+
+    if not architecture or not timm.is_model(architecture):
+        return None
+    try:
+        with torch.device("meta"):
+            model = timm.create_model(architecture, pretrained=False, num_classes=num_classes or 1)
+    except Exception:  # a model that needs real tensors to build: tell norms and head apart no further
+        return None
+    return tuple(f"{h}." for h in plan_targets(model, config).head)
+
+
+def _tensors_by_kind(adapter: AdapterFile) -> dict[str, dict[str, Any]]:
+    """Count, values, bytes and dtypes of the adapter's tensors of each kind (reprogramming, norms, head)."""
+    head = _head_prefixes(adapter.architecture, adapter.num_classes, adapter.config)
+    groups: dict[str, list[torch.Tensor]] = {}
+    for key, t in adapter.tensors.items():
+        groups.setdefault(_kind(key, head), []).append(t)
+    return {
+        kind: {
+            "count": len(ts),
+            "values": sum(t.numel() for t in ts),
+            "bytes": sum(t.numel() * t.element_size() for t in ts),
+            "dtypes": sorted({str(t.dtype).removeprefix("torch.") for t in ts}),
+        }
+        for kind in _KINDS
+        if (ts := groups.get(kind))
+    }
+
+
+def describe_file(path: Path, extra: dict[str, Any] | None = None, *, task: str | None = None) -> dict[str, Any]:
+    """What one adapter file holds, as :func:`clr_timm.describe` reports it (``kind="adapter"``).
+
+    ``extra`` is merged in after the path (where it came from: repo and revision); ``task``, when given, must be the
+    task the file records.
+    """
+    adapter = read_adapter(path)
+    check_recorded_task(adapter, task)
+    parameters = None
+    config = Path(adapter.path).parent / CONFIG_FILE
+    if config.is_file():
+        with suppress(AdapterError):
+            parameters = read_summary(config).get("parameters")
+    summary = summarize(adapter, None if parameters else _count_from_metadata(adapter))
+    summary["parameters"] = parameters or summary["parameters"]
+    dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values())
+    owners = {f".{k}".split(f".{CLR_ATTR}.")[0] for k in adapter.tensors if f".{CLR_ATTR}." in f".{k}"}
+    return {
+        "kind": "adapter",
+        "path": adapter.path,
+        **(extra or {}),
+        **summary,
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in adapter.tensors.values()),
+        "dtypes": dict(sorted(dtypes.items())),
+        "num_reprogrammed": len(owners),
+        "tensors_by_kind": _tensors_by_kind(adapter),
+    }
+
+
+def describe_collection(kind: str, head: dict[str, Any], tasks: list[TaskFiles]) -> dict[str, Any]:
+    """A folder or repo of adapters as :func:`clr_timm.describe` reports it: ``head`` and a summary of each task."""
+    return {
+        "kind": kind,
+        **head,
+        "tasks": sorted(t.task for t in tasks if t.task is not None),
+        "root_adapter": any(t.task is None for t in tasks),
+        "adapters": [{"task": t.task, **t.summary, "file_size": t.file_size} for t in tasks],
+    }
+
+
+def describe_local(path: Path, task: str | None = None) -> dict[str, Any]:
+    """What a local adapter file, or a ``save_pretrained`` folder (or one of its tasks), holds."""
+    _check_task_name(task)
+    if path.is_dir():
+        if task is not None:
+            return describe_file(task_file(path, task))
+        return describe_collection("folder", {"path": str(path)}, local_tasks(path, validate=False))
+    if not path.exists():
+        raise AdapterError(f"no adapter file, folder or Hub repo named {path}")
+    return describe_file(path, task=task)
