@@ -3,11 +3,12 @@
 Same arguments and table as ``clr-timm count`` (both use ``clr_timm.count``); models are built without weights on the
 meta device, so ``--all`` over the whole registry takes minutes. ``--sweep`` adds a second table: the per-task share
 of the backbone under each depthwise policy, with and without per-task norms, so the README can say which
-configuration gets each family under the paper's 0.6%.
+configuration gets each family under the paper's 0.6%. ``--variants`` adds a third: what each variant of the authors'
+code (``CLRConfig.preset``) costs per task.
 
-Regenerate the README table and benchmarks/results/param_count.{md,json,csv}::
+Regenerate the README tables and benchmarks/results/param_count.{md,json,csv} (+ param_count_variants.json)::
 
-    python benchmarks/param_count.py --sweep --results benchmarks/results
+    python benchmarks/param_count.py --sweep --variants --results benchmarks/results
 
 Other uses::
 
@@ -18,6 +19,7 @@ Other uses::
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -30,7 +32,7 @@ from clr_timm.config import CLRConfig
 from clr_timm.count import ModelCount, format_table
 from clr_timm.errors import CLRError
 
-__all__ = ["SWEEP", "PAPER_BUDGET", "format_sweep", "main"]
+__all__ = ["SWEEP", "VARIANTS", "PAPER_BUDGET", "format_sweep", "format_variants", "main"]
 
 PAPER_BUDGET = 0.6
 """The paper's headline: a task costs "less than 0.6%" of the backbone's parameters (ResNet-50, head excluded)."""
@@ -67,12 +69,44 @@ def format_sweep(names: list[str], num_classes: int) -> str:
     return "\n".join(lines)
 
 
+VARIANTS = {
+    "Ghost_reduced_v1": "the paper's default: 3x3 after convs larger than 1x1",
+    "Ghost": "CLR-Full: 3x3 after every conv",
+    "Ghost_reduced_v2": "3x3 after convs larger than 1x1, a scale after 1x1 convs",
+    "Ghost_a": "gated y + A * ghost(y) after every conv",
+    "li18": "a parallel dense 1x1 conv from every conv's input, norms frozen (li50: the same)",
+}
+"""The authors' variants (``CLRConfig.preset`` names) compared by ``--variants``."""
+
+
+def format_variants(names: list[str], num_classes: int) -> tuple[str, list[dict]]:
+    """A markdown table of each variant's per-task values (head excluded) and share of the backbone, and its rows."""
+    header = ["model", *(f"`{v}`" for v in VARIANTS)]
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(VARIANTS)) + "|"]
+    data = []
+    for name in names:
+        cells = [f"`{name}`"]
+        for variant in VARIANTS:
+            row = count_model_or_none(name, CLRConfig.preset(variant), num_classes)
+            if row is None:
+                cells.append("?")
+                continue
+            c = row.count
+            cells.append(f"{c.per_task:,} ({c.percent_of_backbone:.2f}%)")
+            keep = ("clr", "norm_affine", "norm_stats", "per_task", "backbone", "percent_of_backbone")
+            data.append({"model": name, "variant": variant, **{k: getattr(c, k) for k in keep}})
+        lines.append("| " + " | ".join(cells) + " |")
+    return "\n".join(lines), data
+
+
 def count_model_or_none(name: str, config: CLRConfig, num_classes: int) -> ModelCount | None:
     rows, _ = count_rows([name], config, num_classes)
     return rows[0] if rows else None
 
 
-def _results_markdown(command: str, table: str, sweep: str | None, config: CLRConfig, seconds: float) -> str:
+def _results_markdown(
+    command: str, table: str, sweep: str | None, variants: str | None, config: CLRConfig, seconds: float
+) -> str:
     parts = [
         "# CLR parameter count",
         "",
@@ -96,6 +130,16 @@ def _results_markdown(command: str, table: str, sweep: str | None, config: CLRCo
             "",
             sweep,
         ]
+    if variants:
+        parts += [
+            "",
+            "## Per task (head excluded) by variant of the authors' code",
+            "",
+            "Values a task adds (reprogramming layers + norm affines + BatchNorm statistics) and their share of the "
+            "backbone. " + "; ".join(f"`{v}`: {what}" for v, what in VARIANTS.items()) + ".",
+            "",
+            variants,
+        ]
     return "\n".join(parts) + "\n"
 
 
@@ -103,6 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     add_count_arguments(parser)
     parser.add_argument("--sweep", action="store_true", help="add the table of every depthwise/norm configuration")
+    parser.add_argument("--variants", action="store_true", help="add the table of every variant of the authors' code")
     parser.add_argument(
         "--results", metavar="DIR", help="write param_count.md, .json and .csv (the README's source) into DIR"
     )
@@ -117,11 +162,13 @@ def main(argv: list[str] | None = None) -> int:
     rows, failed = count_rows(names, config, args.num_classes, progress=args.all and sys.stderr.isatty())
     table = format_table(rows)
     sweep = format_sweep([r.model for r in rows], args.num_classes) if args.sweep else None
+    variants, variant_rows = format_variants([r.model for r in rows], args.num_classes) if args.variants else (None, [])
     seconds = time.perf_counter() - start
     print(table)
-    if sweep:
-        print()
-        print(sweep)
+    for extra in (sweep, variants):
+        if extra:
+            print()
+            print(extra)
     on_cpu = [r.model for r in rows if r.built_on != "meta"]
     print(
         f"\ncounted {len(rows)} of {len(names)} models in {seconds:.1f} s; built on the CPU (not meta): "
@@ -138,7 +185,10 @@ def main(argv: list[str] | None = None) -> int:
         out = Path(args.results)
         out.mkdir(parents=True, exist_ok=True)
         command = "python benchmarks/param_count.py " + " ".join(sys.argv[1:] if argv is None else argv)
-        (out / "param_count.md").write_text(_results_markdown(command.strip(), table, sweep, config, seconds))
+        markdown = _results_markdown(command.strip(), table, sweep, variants, config, seconds)
+        (out / "param_count.md").write_text(markdown)
+        if variant_rows:
+            (out / "param_count_variants.json").write_text(json.dumps(variant_rows, indent=1) + "\n")
         write_json(out / "param_count.json", rows, failed)
         write_csv(out / "param_count.csv", rows)
         print(f"wrote {out}/param_count.{{md,json,csv}}", file=sys.stderr)

@@ -10,7 +10,9 @@ Figures (interleaved repetitions, medians):
   3. training step time and training memory: CLR (also with ``clr_timm.set_memory_efficient``) vs full fine-tuning
      vs linear probe (AdamW, same batch);
   4. a mixed batch of 8 tasks vs a single-task batch of the same size vs a loop of per-task sub-batches;
-  5. loading one adapter from a local file, switching task, attaching to a fresh model (milliseconds).
+  5. loading one adapter from a local file, switching task, attaching to a fresh model (milliseconds);
+  6. (``--only variants``) every variant of the authors' code (``CLRConfig.preset``): inference and a training step
+     against the plain model's (its training step is full fine-tuning), at ``--variant-batch``.
 
 Training memory on CPU is what training adds on top of the model: tensors saved for backward (counted exactly with
 ``torch.autograd.graph.saved_tensors_hooks``; the model's own weights, saved by reference, not counted), gradients
@@ -233,6 +235,37 @@ def fig_training(name, batch, size, device, reps, warmup) -> dict:
     }
 
 
+VARIANT_PRESETS = ("Ghost_reduced_v1", "Ghost", "Ghost_reduced_v2", "Ghost_a", "li18")
+
+
+def fig_variants(name, batch, size, device, reps, warmup) -> dict:
+    """Each variant against the plain model: eval inference, and a training step (AdamW over what trains)."""
+    models = {"plain": build(name, device)}
+    for v in VARIANT_PRESETS:
+        models[v] = clr_timm.attach(build(name, device), clr_timm.CLRConfig.preset(v))
+        perturb_adapter(models[v], 1)
+    x = torch.randn(batch, 3, size, size, device=device)
+    y = torch.randint(0, 10, (batch,), device=device)
+    with torch.no_grad():
+        infer = interleaved({k: (lambda m=m: m(x)) for k, m in models.items()}, reps, warmup, device)
+    opts = {k: torch.optim.AdamW([p for p in m.parameters() if p.requires_grad], lr=1e-4) for k, m in models.items()}
+
+    def step(k: str) -> None:
+        loss = nn.functional.cross_entropy(models[k](x), y)
+        opts[k].zero_grad(set_to_none=True)
+        loss.backward()
+        opts[k].step()
+
+    for m in models.values():
+        m.train()
+    train = interleaved({k: (lambda k=k: step(k)) for k in models}, max(reps // 3, 3), 1, device)
+    out = {"plain_infer_ms": 1e3 * infer["plain"], "plain_train_ms": 1e3 * train["plain"]}
+    for v in VARIANT_PRESETS:
+        out[f"{v}_infer_ms"], out[f"{v}_train_ms"] = 1e3 * infer[v], 1e3 * train[v]
+        out[f"{v}_infer_ratio"], out[f"{v}_train_ratio"] = infer[v] / infer["plain"], train[v] / train["plain"]
+    return out
+
+
 def fig_mixed(name, batch, size, device, reps, warmup, num_tasks=8) -> dict:
     mt = clr_timm.MultiTaskModel(build(name, device))
     names = [f"t{i}" for i in range(num_tasks)]
@@ -349,6 +382,15 @@ def markdown(results: dict) -> str:
         for r in results["overheads"]
     ]
     lines += _table("| model | load adapter ms | switch task ms | attach ms |", rows)
+    rows = [
+        f"| {r['model']} | {r['batch']} | `{v}` | {r[f'{v}_infer_ms']:.1f} | {r[f'{v}_infer_ratio']:.3f}x | "
+        f"{r[f'{v}_train_ms']:.0f} | {r[f'{v}_train_ratio']:.3f}x |"
+        for r in results.get("variants", [])
+        for v in VARIANT_PRESETS
+    ]
+    lines += _table(
+        "| model | batch | variant | inference ms | / plain | training step ms | / plain (full fine-tuning) |", rows
+    )
     return "\n".join(lines)
 
 
@@ -374,9 +416,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument(
         "--only",
         nargs="+",
-        choices=["inference", "training", "mixed", "overheads"],
+        choices=["inference", "training", "mixed", "overheads", "variants"],
         default=["inference", "training", "mixed", "overheads"],
     )
+    parser.add_argument("--variant-batch", type=int, default=8, help="batch of the variants figure (%(default)s)")
     parser.add_argument("--json", type=Path, default=Path("benchmarks/results/speed.json"))
     parser.add_argument("--md", type=Path, default=Path("benchmarks/results/speed.md"))
     args = parser.parse_args(argv)
@@ -390,6 +433,7 @@ def main(argv: list[str] | None = None) -> dict:
         "training": [],
         "mixed": [],
         "overheads": [],
+        "variants": [],
     }
     for m in args.models:
         if "inference" in args.only:
@@ -415,6 +459,12 @@ def main(argv: list[str] | None = None) -> dict:
         if "overheads" in args.only:
             results["overheads"].append({"model": m, **fig_overheads(m, device, args.reps)})
             print(results["overheads"][-1], flush=True)
+        if "variants" in args.only:
+            b = args.variant_batch
+            results["variants"].append(
+                {"model": m, "batch": b, **fig_variants(m, b, args.size, device, args.reps, args.warmup)}
+            )
+            print(results["variants"][-1], flush=True)
     table = markdown(results)
     print(table)
     args.json.parent.mkdir(parents=True, exist_ok=True)

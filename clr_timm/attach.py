@@ -55,6 +55,7 @@ class Target:
     channels: int
     depthwise: bool
     layer: str  # the reprogramming layer's kind (clr_timm.layers.layer_class)
+    in_channels: int = 0
 
 
 @dataclass
@@ -65,11 +66,15 @@ class CLRPlan:
     targets: list[Target]
     norms: list[str]
     head: list[str]
-    skipped: list[str] = field(default_factory=list)  # depthwise convs left alone by the "skip" policy
+    skipped: list[str] = field(default_factory=list)  # convs with k > 1 left alone by a "skip" policy
 
 
 def _clr_forward_hook(module: nn.Module, args: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
     return module.clr(output)
+
+
+def _clr_input_hook(module: nn.Module, args: tuple[torch.Tensor], output: torch.Tensor) -> torch.Tensor:
+    return module.clr(output, args[0])  # a layer that also reads the conv's input (ReprogrammingLayer.reads_input)
 
 
 def _load_state_dict_post_hook(module: nn.Module, incompatible_keys) -> None:
@@ -82,7 +87,7 @@ def _load_state_dict_post_hook(module: nn.Module, incompatible_keys) -> None:
     incompatible_keys.missing_keys[:] = [k for k in incompatible_keys.missing_keys if not k.startswith(layers)]
 
 
-def _frozen_norm_pre_hook(module: nn.Module, args: tuple) -> None:
+def _frozen_norm_pre_hook(module: nn.Module, args: tuple[torch.Tensor]) -> None:
     # A norm that is not part of the adapter must not update its running statistics when the model trains.
     module.training = False
 
@@ -209,17 +214,19 @@ def plan_targets(model: nn.Module, config: CLRConfig | None = None) -> CLRPlan:
             continue
         if isinstance(m, ReprogrammingLayer) or _under(name, head):
             continue
-        if _is_conv(m) and _kernel_area(m) > 1:
+        if _is_conv(m):
+            pointwise, depthwise = _kernel_area(m) == 1, _is_depthwise(m)
+            if pointwise and config.pointwise == "skip":
+                continue
             if config.include is not None and not _matches(name, config.include):
                 continue
             if _matches(name, config.exclude):
                 continue
-            depthwise = _is_depthwise(m)
-            kind = config.depthwise if depthwise else config.layer
+            kind = config.pointwise if pointwise else config.depthwise if depthwise else config.layer
             if kind == "skip":
                 skipped.append(name)
                 continue
-            targets.append(Target(name, int(m.out_channels), depthwise, kind))
+            targets.append(Target(name, int(m.out_channels), depthwise, kind, int(m.in_channels)))
         elif _is_norm(m):
             norms.append(name)
     return CLRPlan(config, targets, norms, head, skipped)
@@ -229,7 +236,7 @@ def reprogramming_shapes(plan: CLRPlan) -> dict[str, tuple[int, ...]]:
     """State_dict key and shape of every reprogramming-layer tensor that attaching under ``plan`` creates."""
     shapes = {}
     for t in plan.targets:
-        for name, shape in layer_class(t.layer).tensor_shapes(t.channels, plan.config).items():
+        for name, shape in layer_class(t.layer).tensor_shapes(t, plan.config).items():
             shapes[_key(t.name, f"{CLR_ATTR}.{name}")] = shape
     return shapes
 
@@ -315,11 +322,13 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
 
     Args:
         model: Any timm CNN (or torch module with ``nn.Conv2d`` layers).
-        config: What to reprogram; defaults to the paper's setting.
+        config: What to reprogram; defaults to the paper's setting. The authors' other variants are
+            ``CLRConfig.preset(name)`` (``"Ghost"``, ``"Ghost_a"``, ``"li18"``, ...).
         **overrides: Fields of :class:`CLRConfig` to override, e.g. ``depthwise="scale"``.
 
     Returns:
-        The same model, which in eval mode computes exactly what it computed before.
+        The same model, which in eval mode computes exactly what it computed before (for every variant but the
+        parallel 1x1 form, ``li18`` / ``li50``, whose extra convs start at PyTorch's default init, as the authors').
 
     Models with re-parameterisable blocks (RepVGG, MobileOne, FastViT, RepViT, LeViT, ...) can be attached in their
     training form or after ``timm.utils.reparameterize_model``; once attached, their ``fuse`` / ``reparameterize`` /
@@ -356,8 +365,9 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
     )
     for t in plan.targets:
         conv = modules[t.name]
-        conv.add_module(CLR_ATTR, layer_class(t.layer).from_conv(conv, config))
-        conv.register_forward_hook(_clr_forward_hook)
+        layer = layer_class(t.layer).from_conv(conv, config)
+        conv.add_module(CLR_ATTR, layer)
+        conv.register_forward_hook(_clr_input_hook if layer.reads_input else _clr_forward_hook)
     for n in frozen_norms:
         modules[n].register_forward_pre_hook(_frozen_norm_pre_hook)
     model.register_load_state_dict_post_hook(_load_state_dict_post_hook)
@@ -435,6 +445,7 @@ def detach(model: nn.Module) -> nn.Module:
     for name in state.targets:
         conv = modules[name]
         _remove_hooks(conv, conv._forward_hooks, _clr_forward_hook)
+        _remove_hooks(conv, conv._forward_hooks, _clr_input_hook)
         if hasattr(conv, CLR_ATTR):
             delattr(conv, CLR_ATTR)
     for name in state.frozen_norms:

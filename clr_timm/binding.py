@@ -178,22 +178,32 @@ class Binding:
             raise CLRError(f"{len(label_names)} label names given for a head of {num_classes} classes")
         base = state.base
         adapter = TaskAdapter(num_classes, label_names)
+        fresh_layers = {
+            id(live): self._reset_copy(live) for slot, live in zip(self.slots, self.owners) if slot.kind == "clr"
+        }
         for slot, live in zip(self.slots, self.owners):
-            table = slot.table(live)
-            current = table[slot.attr]
+            current = slot.table(live)[slot.attr]
             if slot.kind == "clr":
-                new = torch.empty_like(current)
-                table[slot.attr] = new
-                try:
-                    live.reset_parameters()  # the layer's own identity, written into the new tensor
-                finally:
-                    table[slot.attr] = current
+                new = fresh_layers[id(live)][slot.attr]
             else:
                 new = base[slot.key].to(device=current.device, dtype=current.dtype, copy=True)
             adapter._put(slot, nn.Parameter(new, requires_grad=False) if slot.is_param else new)
         for path, head in zip(self.head_paths, self._new_heads(num_classes)):
             adapter._put_head(path, head)
         return adapter
+
+    @staticmethod
+    def _reset_copy(layer: nn.Module) -> dict[str, torch.Tensor]:
+        """New tensors holding ``layer``'s initial state (its own ``reset_parameters``), the layer left as it was."""
+        table = layer._parameters
+        current = dict(table)
+        new = {n: torch.empty_like(p) for n, p in current.items() if p is not None}
+        table.update(new)  # every tensor at once: reset_parameters may set several
+        try:
+            layer.reset_parameters()
+        finally:
+            table.update(current)
+        return new
 
     def _new_heads(self, num_classes: int) -> list[nn.Module]:
         """Fresh heads from timm's ``reset_classifier``, leaving the model exactly as it was."""

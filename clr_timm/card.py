@@ -38,7 +38,7 @@ from .adapter import (
 from .attach import CLR_ATTR, plan_targets
 from .config import CLRConfig
 from .count import ParameterCount, count_parameters
-from .errors import AdapterError, HubError
+from .errors import AdapterError, CLRError, HubError
 from .source import check_recorded_task, task_file
 
 __all__ = [
@@ -276,6 +276,15 @@ def _usage(repo_id: str | None, summary: dict[str, Any], task: str | None) -> st
     return "\n".join(lines)
 
 
+def _variant(config: Any) -> str:
+    """The preset a recorded config is (``CLRConfig.preset``), ``custom``, or ``?`` when it cannot be read."""
+    try:
+        name = CLRConfig.from_dict(config).preset_name()
+    except CLRError:
+        return "?"
+    return f"`{name}`" if name else "custom"
+
+
 def _row(t: TaskFiles) -> str:
     """One line of the card's table of tasks."""
     s, p = t.summary, t.summary.get("parameters") or {}
@@ -287,6 +296,7 @@ def _row(t: TaskFiles) -> str:
     )
     cells = [
         f"`{t.task}`" if t.task is not None else "(repo root)",
+        _variant(s.get("config")),
         str(classes) if classes is not None else "?",
         f"{per_task:,}" if isinstance(per_task, int) else "?",
         f"{percent:.3f}%" if isinstance(percent, (int, float)) else "?",
@@ -310,11 +320,11 @@ def _tasks_block(repo_id: str | None, tasks: list[TaskFiles]) -> str:
             "<!-- clr-timm rewrites this section on every push: write your own text outside these markers. -->",
             "## Tasks",
             "",
-            "| Task | Classes | Parameters per task | % of backbone | Head | File |",
-            "|---|---:|---:|---:|---:|---:|",
+            "| Task | Variant | Classes | Parameters per task | % of backbone | Head | File |",
+            "|---|---|---:|---:|---:|---:|---:|",
             *(_row(t) for t in tasks),
             "",
-            "Parameters per task: the depthwise reprogramming kernels and the task's normalisation layers, without its "
+            "Parameters per task: the reprogramming layers and the task's normalisation layers, without its "
             f"head. The backbone{shared} is frozen and shared by every task, so adding a task never changes another.",
             "",
             _usage(repo_id, example.summary, example.task),
@@ -337,7 +347,7 @@ def render_card(
             "Channel-wise Lightweight Reprogramming (CLR, Ge et al., ICCV 2023) adapters"
             + (f" for the timm model `{name}`" if name else "")
             + ": the backbone stays frozen and is shared by every task, and each task adds a small adapter of its own "
-            "(depthwise reprogramming kernels after the convolutions, normalisation layers and head), made with "
+            "(reprogramming layers after the convolutions, normalisation layers and head), made with "
             "`clr-timm`."
         )
         card = ModelCard(f"---\nlibrary_name: {LIBRARY_NAME}\n---\n\n# {title}\n\n{intro}\n\n{block}\n")

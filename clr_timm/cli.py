@@ -14,7 +14,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import DEPTHWISE_POLICIES, CLRConfig
+from .config import DEPTHWISE_POLICIES, PRESETS, CLRConfig
 from .count import CURATED_MODELS, ModelCount, count_model, format_table, resolve_model_names
 from .errors import CLRError
 from .hub import describe, download_adapter, push_folder
@@ -47,12 +47,19 @@ def add_count_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--all", action="store_true", help="every architecture in timm's registry")
     parser.add_argument("--num-classes", type=int, default=1000, help="classes of the per-task head (%(default)s)")
-    parser.add_argument("--kernel-size", type=int, default=3, help="size k of the k x k CLR kernels (%(default)s)")
+    parser.add_argument(
+        "--variant",
+        choices=sorted(PRESETS),
+        default="clr",
+        help="a named CLR variant: the authors' --method names or ours (%(default)s: the paper's); the options "
+        "below override its fields",
+    )
+    parser.add_argument("--kernel-size", type=int, help="size k of the k x k CLR kernels (default: the variant's)")
     parser.add_argument(
         "--depthwise",
         choices=DEPTHWISE_POLICIES,
-        default="clr",
-        help="after a depthwise conv: a full CLR kernel (the paper), nothing, or one scale per channel (%(default)s)",
+        help="after a depthwise conv: a full CLR kernel (the paper), nothing, or one scale per channel "
+        "(default: the variant's)",
     )
     parser.add_argument(
         "--frozen-norms",
@@ -64,8 +71,12 @@ def add_count_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def config_from_args(args: argparse.Namespace) -> CLRConfig:
-    """The CLR config that ``count``'s arguments describe."""
-    return CLRConfig(kernel_size=args.kernel_size, depthwise=args.depthwise, train_norms=not args.frozen_norms)
+    """The CLR config that ``count``'s arguments describe: the variant, with the fields the options set."""
+    overrides = {"kernel_size": args.kernel_size, "depthwise": args.depthwise}
+    overrides = {k: v for k, v in overrides.items() if v is not None}
+    if args.frozen_norms:
+        overrides["train_norms"] = False
+    return CLRConfig.preset(getattr(args, "variant", "clr"), **overrides)
 
 
 def model_names_from_args(args: argparse.Namespace) -> list[str]:

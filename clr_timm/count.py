@@ -108,7 +108,7 @@ def count_parameters(model: nn.Module, config: CLRConfig | None = None) -> Param
         config = get_config(model)
     config = config or CLRConfig()
     plan = plan_targets(model, config)
-    clr = sum(layer_class(t.layer).num_values(t.channels, config) for t in plan.targets)
+    clr = sum(layer_class(t.layer).num_values(t, config) for t in plan.targets)
     kinds = {"norm_affine": 0, "norm_stats": 0, "head": 0}
     for _, t, kind in _adapter_tensors(model, plan):
         if kind == "clr":

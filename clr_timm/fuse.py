@@ -52,8 +52,8 @@ def _folded_layer_forward(folded: dict[str, torch.Tensor], layer: ReprogrammingL
     return layer.compute_folded(x, folded)
 
 
-def _passthrough(layer: nn.Module, inner, x: torch.Tensor) -> torch.Tensor:
-    return x
+def _passthrough(layer: nn.Module, inner, y: torch.Tensor, *conv_input: torch.Tensor) -> torch.Tensor:
+    return y
 
 
 def _folded_conv_forward(compute, weight, bias, conv: nn.Module, inner, x: torch.Tensor) -> torch.Tensor:

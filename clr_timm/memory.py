@@ -41,12 +41,12 @@ class _Recompute:
     """Stands in, among autograd's saved tensors, for a reprogramming layer's output."""
 
     layer: nn.Module
-    x: torch.Tensor
+    inputs: tuple[torch.Tensor, ...]
     dtype: torch.dtype
 
     def __call__(self) -> torch.Tensor:
         params = {n: p.detach().to(self.dtype) for n, p in self.layer.params().items()}
-        return self.layer.compute(self.x.detach().to(self.dtype), **params)
+        return self.layer.compute(*(x.detach().to(self.dtype) for x in self.inputs), **params)
 
 
 @dataclass(frozen=True)
@@ -66,7 +66,7 @@ class _Layout:
 class _Pass:
     """One thread's state for the forward pass in progress."""
 
-    outputs: dict[int, tuple[nn.Module, torch.Tensor, torch.Tensor, int]] = field(default_factory=dict)
+    outputs: dict[int, tuple[nn.Module, tuple[torch.Tensor, ...], torch.Tensor, int]] = field(default_factory=dict)
     contexts: list = field(default_factory=list)  # the model calls in progress (more than one if nested)
     frozen: list[nn.Module] = field(default_factory=list)  # the frozen convs whose forward is running
     kept: set[int] = field(default_factory=set)  # storages autograd keeps as they are (by data pointer)
@@ -160,7 +160,7 @@ class _MemoryEfficient:
     def _note(self, layer: nn.Module, args, output: torch.Tensor) -> None:
         state = self.notes.peek()
         if state is not None and torch.is_grad_enabled() and output.requires_grad and state.contexts:
-            state.outputs[output.data_ptr()] = (layer, args[0], output, output._version)
+            state.outputs[output.data_ptr()] = (layer, tuple(args), output, output._version)
 
     def _pack(self, t: torch.Tensor):
         state = self.notes.get()

@@ -78,10 +78,10 @@ def _check_batch(x: torch.Tensor, inv: torch.Tensor, where: str) -> None:
 
 
 def _layer_per_sample(
-    where: str, t: dict[str, list[torch.Tensor]], inv: torch.Tensor, layer: nn.Module, inner, x: torch.Tensor
+    where: str, t: dict[str, list[torch.Tensor]], inv: torch.Tensor, layer: nn.Module, inner, *inputs: torch.Tensor
 ) -> torch.Tensor:
-    _check_batch(x, inv, where)
-    return layer.forward_per_sample(x, {name: _per_sample(tensors, inv) for name, tensors in t.items()})
+    _check_batch(inputs[0], inv, where)
+    return layer.forward_per_sample({name: _per_sample(tensors, inv) for name, tensors in t.items()}, *inputs)
 
 
 def _affine(

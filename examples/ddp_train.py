@@ -41,6 +41,7 @@ What makes CLR fit DDP:
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import inspect
 import json
 import os
@@ -76,6 +77,7 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=1e-2, help="AdamW learning rate (default: 1e-2)")
     p.add_argument("--weight-decay", type=float, default=0.0, help="AdamW weight decay (default: 0)")
     p.add_argument("--bn", choices=BN_MODES, default="frozen", help="BatchNorm statistics (see above; default: frozen)")
+    p.add_argument("--variant", default="clr", help="a CLR variant, clr_timm.CLRConfig.preset (default: clr)")
     p.add_argument("--backend", choices=("auto", "gloo", "nccl"), default="auto", help="auto: nccl on GPUs, else gloo")
     p.add_argument("--accelerate", action="store_true", help="let Hugging Face Accelerate set up and wrap the model")
     p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
@@ -157,7 +159,8 @@ def build_model(args: argparse.Namespace, num_classes: int) -> nn.Module:
     if args.bn == "sync":
         # Before attach: CLR then records the final norm modules. timm's converter also handles BatchNormAct2d.
         model = timm.layers.convert_sync_batchnorm(model)
-    return clr_timm.attach(model, clr_timm.CLRConfig(update_norm_stats=args.bn != "frozen"))
+    config = clr_timm.CLRConfig.preset(args.variant)
+    return clr_timm.attach(model, dataclasses.replace(config, update_norm_stats=args.bn != "frozen"))
 
 
 class BucketCheck:
@@ -292,6 +295,7 @@ def train(args: argparse.Namespace, d: Dist) -> dict[str, object]:
         "device": str(d.device),
         "backend": dist.get_backend() if dist.is_initialized() else None,
         "bn": args.bn,
+        "variant": args.variant,
         "accelerate": d.accelerator is not None,
         "steps": args.steps,
         "global_batch": args.batch_size,

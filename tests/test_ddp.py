@@ -130,3 +130,25 @@ def test_sync_batchnorm_keeps_frozen_statistics_when_converted_before_attach():
     model.train()(make_input(batch=4, size=32))  # no process group: SyncBatchNorm runs as BatchNorm
     after = {k: v for k, v in model.state_dict().items() if "running" in k}
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.slow
+def test_a_variant_with_two_tensors_per_layer_trains_the_same_under_ddp(tmp_path):
+    # the gated form (kernel + gate per layer): every adapter tensor in DDP's buckets, the same result as one process
+    from examples import ddp_train
+
+    args = [*ARGS, "--variant", "Ghost_a"]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        single = ddp_train.main([*args, "--out", str(tmp_path / "single.safetensors")])
+    finally:
+        torch.set_num_threads(threads)
+    run = _torchrun(2, [*args, "--out", str(tmp_path / "ddp.safetensors")], tmp_path)
+    assert run.returncode == 0, run.stderr[-3000:]
+    ddp = _summary(run.stdout)
+    assert ddp["variant"] == single["variant"] == "Ghost_a" and ddp["synchronised"]["adapter_only"]
+    a, b = load_file(str(tmp_path / "ddp.safetensors")), load_file(str(tmp_path / "single.safetensors"))
+    assert sorted(a) == sorted(b) and any(k.endswith(".clr.gate") for k in a)
+    for k in a:
+        torch.testing.assert_close(a[k], b[k], atol=ATOL, rtol=RTOL, msg=lambda m, k=k: f"{k}: {m}")

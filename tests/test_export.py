@@ -61,3 +61,12 @@ def test_an_attached_model_compiles_wherever_the_plain_one_does_with_equal_outpu
     assert not isinstance(result, Exception), result
     assert torch.allclose(result, eager, atol=1e-5, rtol=1e-5)
     assert not torch.allclose(eager, plain_result, atol=1e-3)  # the reprogramming layers took part
+
+
+@pytest.mark.parametrize("tool", [_script, _fx, _export], ids=["torchscript", "fx", "export"])
+def test_the_recommended_recipe_with_frozen_norm_statistics_compiles_too(tool):
+    # update_norm_stats=False keeps BatchNorm in eval mode through a forward pre-hook, which the tools must take
+    model = _perturbed(clr_timm.attach(make_model("resnet18"), update_norm_stats=False)).eval()
+    x = make_input(batch=2)
+    with torch.no_grad():
+        assert torch.allclose(tool(model, x), model(x), atol=1e-5, rtol=1e-5)

@@ -154,6 +154,7 @@ def test_card_metadata_and_task_table_after_each_push(pushed):
     assert data.license == "apache-2.0"
     assert {"clr", "continual-learning", "timm", "image-classification", f"base_model:adapter:{BASE}"} <= set(data.tags)
     row = next(line for line in card.text.splitlines() if line.startswith("| `pets` |"))
+    assert row.startswith("| `pets` | `clr` |")  # the variant (CLRConfig.preset) the task was trained with
     assert f"{pushed.count.per_task:,}" in row and f"{pushed.count.percent_of_backbone:.3f}%" in row
     assert f'clr_timm.load_adapter(model, "hf-hub:{pushed.repo_id}"' in card.text
     assert card.text.count("<!-- clr-timm:tasks:start -->") == 1
@@ -403,7 +404,7 @@ def test_task_none_uses_the_repo_root(hub_server):
     assert clr_timm.list_tasks(repo_id) == ["pets"]
     described = clr_timm.describe(repo_id)
     assert described["root_adapter"] and described["tasks"] == ["pets"]
-    assert "| (repo root) | 4 |" in hub_server.read_file(repo_id, "README.md").decode()
+    assert "| (repo root) | `clr` | 4 |" in hub_server.read_file(repo_id, "README.md").decode()
 
 
 def test_a_folder_of_bare_adapter_files_gets_its_configs_written_on_push(hub_server, tmp_path):

@@ -24,8 +24,8 @@ class ChannelBias(ReprogrammingLayer):
         self.bias = nn.Parameter(torch.zeros(channels, device=device, dtype=dtype))
 
     @classmethod
-    def tensor_shapes(cls, channels, config):
-        return {"bias": (channels,)}
+    def tensor_shapes(cls, target, config):
+        return {"bias": (target.channels,)}
 
     def reset_parameters(self):
         with torch.no_grad():

@@ -78,3 +78,16 @@ def _run(tmp_path):
             str(tmp_path / "s.md"),
         ]
     )
+
+
+def test_speed_benchmark_times_every_variant_against_the_plain_model(tmp_path):
+    threads = torch.get_num_threads()
+    argv = "resnet18 --size 32 --variant-batch 2 --reps 1 --warmup 0 --threads 1 --only variants"
+    try:
+        results = speed.main([*argv.split(), "--json", str(tmp_path / "s.json"), "--md", str(tmp_path / "s.md")])
+    finally:
+        torch.set_num_threads(threads)
+    row = results["variants"][0]
+    for v in speed.VARIANT_PRESETS:
+        assert row[f"{v}_infer_ratio"] > 0 and row[f"{v}_train_ratio"] > 0
+    assert "| resnet18 | 2 | `Ghost_a` |" in (tmp_path / "s.md").read_text()
