@@ -24,14 +24,17 @@ per-task norm affines and BatchNorm statistics) and its own head module, of any 
   sample ``i``'s head).
 - **Threads.** Every call that binds a task or changes the shared model (``mt(x)``, ``mt(x, task=...)``,
   ``mt(x, tasks=[...])``, ``set_task``, ``add_task``, ``remove_task``, loading, saving, ``.to()``) holds one re-entrant
-  lock of the instance, so calls from several threads are safe and run one at a time. For parallel inference, give
-  each thread its own ``copy.deepcopy(mt)``, or compile / serve ``mt.model`` after ``set_task``.
+  lock of the instance, so calls from several threads are safe and run one at a time; so do ``copy.deepcopy(mt)``,
+  pickling, ``state_dict`` / ``load_state_dict`` and ``load_task``'s check against the model, which therefore never
+  see a mixed batch's per-sample forwards. For parallel inference, give each thread its own ``copy.deepcopy(mt)``
+  (copy ``mt``, not ``mt.model``: only ``mt`` holds the lock), or compile / serve ``mt.model`` after ``set_task``.
 - **Task oracles.** By default the caller names the tasks. :class:`EntropyOracle` picks, per sample, the task whose
   head is most confident (lowest normalised softmax entropy): ``mt.predict_task(x)`` or ``mt(x, tasks=oracle)``.
 """
 
 from __future__ import annotations
 
+import copy
 import functools
 import math
 import os
@@ -45,7 +48,7 @@ import torch
 from torch import nn
 
 from . import multitask_io
-from .adapter import AdapterFile, _check_task_name
+from .adapter import AdapterFile, _check_task_name, validate_adapter
 from .attach import _refuse_fused, _state, attach, detach, is_attached
 from .binding import Binding, TaskAdapter
 from .config import CLRConfig
@@ -99,6 +102,11 @@ def _register_state_dict_hooks(module: TaskSet) -> None:
     else:  # torch < 2.5
         module._register_load_state_dict_pre_hook(_alias_bound, with_module=True)
     module.register_load_state_dict_post_hook(_after_load)
+
+
+def _same_object(obj: Any) -> Any:
+    """Unpickling a :class:`TaskSet`: the copy pickled in its place (see ``TaskSet.__reduce_ex__``)."""
+    return obj
 
 
 def _set_requires_grad(params: list[nn.Parameter], flag: bool) -> None:
@@ -224,11 +232,37 @@ class TaskSet(nn.Module):
     def __getstate__(self) -> dict[str, Any]:
         state = self.__dict__.copy()
         state.pop("_lock", None)  # locks do not pickle or deepcopy; each copy gets its own
+        state.pop("_snapshot", None)
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()
+
+    def __deepcopy__(self, memo: dict) -> TaskSet:
+        # Under the lock: a mixed batch in another thread installs per-sample forwards on the shared model for the
+        # duration of its call, which a copy taken meanwhile would keep.
+        with self._lock:
+            copied = type(self).__new__(type(self))
+            memo[id(self)] = copied
+            copied.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+            return copied
+
+    def __reduce_ex__(self, protocol: Any) -> tuple:
+        # Pickling walks the model after this returns: hand it a copy taken under the lock, not the live model.
+        if self.__dict__.get("_snapshot"):
+            return super().__reduce_ex__(protocol)
+        snapshot = copy.deepcopy(self)
+        snapshot.__dict__["_snapshot"] = True
+        return _same_object, (snapshot,)
+
+    @_locked
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        return super().state_dict(*args, **kwargs)
+
+    @_locked
+    def load_state_dict(self, *args: Any, **kwargs: Any) -> Any:
+        return super().load_state_dict(*args, **kwargs)
 
     # -------------------------------------------------------------------------------- tasks
 
@@ -498,8 +532,10 @@ class MultiTaskModel(TaskSet):
             check_backbone: Refuse an adapter recorded for other backbone weights.
             **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` for Hub sources.
         """
-        kwargs = dict(name=name, task=task, check_backbone=check_backbone, **hub_kwargs)
-        return self._load(*multitask_io.read_task(self.model, source, **kwargs))
+        name, adapter = multitask_io.read_task(source, name=name, task=task, **hub_kwargs)  # I/O outside the lock
+        with self._lock:  # checked against the model as no mixed batch is changing it
+            validate_adapter(self.model, adapter, check_backbone=check_backbone)
+            return self._load(name, adapter)
 
     @_locked
     def _load(self, name: str, adapter: AdapterFile) -> str:

@@ -103,21 +103,14 @@ def _name_of(adapter: AdapterFile, task: str | None) -> str:
 
 
 def read_task(
-    model: nn.Module,
-    source: str | os.PathLike,
-    *,
-    name: str | None = None,
-    task: str | None = None,
-    check_backbone: bool = True,
-    **hub_kwargs: Any,
+    source: str | os.PathLike, *, name: str | None = None, task: str | None = None, **hub_kwargs: Any
 ) -> tuple[str, AdapterFile]:
-    """Read one adapter (as :func:`~clr_timm.save_load.read_source` does) and check that it fits ``model``.
+    """Read one adapter (as :func:`~clr_timm.save_load.read_source` does); the caller checks it against the model.
 
     Returns:
         The task's name (``name``, else :func:`_name_of`) and the adapter.
     """
     adapter = read_source(source, task=task, **hub_kwargs)
-    validate_adapter(model, adapter, check_backbone=check_backbone)
     return name or _name_of(adapter, task), adapter
 
 

@@ -203,3 +203,91 @@ def test_per_call_tasks_from_many_threads_match_running_alone():
         results = _in_threads([lambda x=x, kw=kw: mt(x, **kw) for x, kw in zip(xs, calls)], rounds=2)
     _assert_all_as_alone(results, expected)
     _assert_left_clean(mt, current, xs[0])
+
+
+# ------------------------------------------------------------------------ other operations during a mixed batch
+
+
+@contextmanager
+def _paused_mixed_batch(mt: MultiTaskModel, x: torch.Tensor, tasks: list[str]) -> Iterator[None]:
+    """A mixed batch running in another thread, held inside the forward pass with its per-sample forwards installed
+    (at the head's pooling), until the block ends."""
+    inside, release = threading.Event(), threading.Event()
+
+    def hold(m: nn.Module, args: tuple) -> None:
+        if not release.is_set():
+            inside.set()
+            release.wait(30)
+
+    handle = mt.model.global_pool.register_forward_pre_hook(hold)
+    batch = threading.Thread(target=lambda: mt(x, tasks=tasks), daemon=True)
+    batch.start()
+    assert inside.wait(30), "the mixed batch never reached the pause"
+    try:
+        yield
+    finally:
+        release.set()
+        batch.join(30)
+        handle.remove()
+
+
+def _during_a_mixed_batch(mt: MultiTaskModel, operation: Callable[[], Any]) -> tuple[Any, bool]:
+    """Run ``operation`` in a thread while a mixed batch is paused; its result, and whether it finished meanwhile."""
+    x = make_input(batch=3, size=32, seed=5)
+    result: dict[str, Any] = {}
+    worker = threading.Thread(target=lambda: result.setdefault("value", operation()), daemon=True)
+    with _paused_mixed_batch(mt, x, ["a", "b", "c"]):
+        worker.start()
+        worker.join(0.5)
+        finished_meanwhile = not worker.is_alive()
+    worker.join(60)
+    assert "value" in result, "the operation failed or hung"
+    return result["value"], finished_meanwhile
+
+
+def _outputs(mt: MultiTaskModel) -> list[Any]:
+    x = make_input(batch=3, size=32, seed=6)
+    with torch.no_grad():
+        return [mt(x, tasks=["c", "a", "b"]), mt(x, task="b"), mt(x)]
+
+
+def test_a_deepcopy_taken_during_a_mixed_batch_is_a_clean_working_model():
+    mt = _mt()
+    expected = _outputs(mt)
+    copied, finished_meanwhile = _during_a_mixed_batch(mt, lambda: copy.deepcopy(mt))
+    assert not finished_meanwhile  # it waited for the batch to finish
+    assert not [n for n, m in copied.named_modules() if "forward" in m.__dict__]
+    assert all(_same(got, want) for got, want in zip(_outputs(copied), expected))
+
+
+def test_what_the_lock_prevents_a_bare_copy_of_the_shared_model_keeps_the_per_sample_forwards():
+    # The weakened version of the test above: copying mt.model itself, which no lock guards, mid-batch.
+    mt = _mt()
+    copied, finished_meanwhile = _during_a_mixed_batch(mt, lambda: copy.deepcopy(mt.model))
+    assert finished_meanwhile and [n for n, m in copied.named_modules() if "forward" in m.__dict__]
+
+
+def test_pickling_during_a_mixed_batch_gives_a_clean_working_model():
+    import pickle
+
+    mt = _mt()
+    expected = _outputs(mt)
+    data, _ = _during_a_mixed_batch(mt, lambda: pickle.dumps(mt))
+    restored = pickle.loads(data)
+    assert not [n for n, m in restored.named_modules() if "forward" in m.__dict__]
+    assert all(_same(got, want) for got, want in zip(_outputs(restored), expected))
+
+
+def test_state_dict_during_a_mixed_batch_is_the_quiet_one():
+    mt = _mt()
+    quiet = mt.state_dict()
+    during, _ = _during_a_mixed_batch(mt, mt.state_dict)
+    assert list(during) == list(quiet) and all(torch.equal(during[k], quiet[k]) for k in quiet)
+
+
+def test_load_task_during_a_mixed_batch_accepts_a_valid_file(tmp_path):
+    mt = _mt()
+    path = mt.save_task("b", tmp_path / "b.safetensors")
+    name, _ = _during_a_mixed_batch(mt, lambda: mt.load_task("b2", path))
+    assert name == "b2" and mt.tasks == ["a", "b", "c", "b2"]
+    assert all(torch.equal(v, mt.adapter_state_dict("b")[k]) for k, v in mt.adapter_state_dict("b2").items())
