@@ -3,7 +3,16 @@
 The file holds only the task's delta (reprogramming tensors, per-task norm tensors, head) under the model's own
 state_dict keys, and string metadata that says what it is and which base model it belongs to. Nothing is ever
 unpickled. Applying a file to a model validates everything against the model before touching a tensor, so a bad file
-leaves the model as it was.
+leaves the model as it was: the same module and parameter objects, flags, hooks and training modes, not only values.
+
+Files come from strangers, so reading one costs time and memory bounded by the tensors it holds (with a model: the
+tensors the model expects) plus a small constant, whatever its header claims. The header is checked before any tensor
+is read: its length against the file and :data:`MAX_HEADER_BYTES`, its JSON structure before it is parsed, at most
+:data:`MAX_TENSORS` tensors of known dtypes, shapes of rank at most :data:`MAX_RANK` and offsets that tile the data
+exactly, and metadata of at most :data:`MAX_METADATA_CHARS` characters (:data:`MAX_METADATA_VALUE_CHARS` in one
+value, :data:`MAX_METADATA_KEYS` keys). Given a model, a file is checked against it from the header alone, so a
+tensor the model has no place for is refused by name without being read. Every failure is an :class:`AdapterError`
+whose message quotes at most a few hundred characters of the file.
 
 This module knows files and models only: where a source lives (a folder, the Hub) is decided by
 :mod:`clr_timm.source`, and the verbs ``save_adapter`` / ``load_adapter`` are in :mod:`clr_timm.save_load`.
@@ -14,15 +23,21 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import os
-import tempfile
-from collections.abc import Iterator
-from contextlib import contextmanager
+import re
+import secrets
+import shutil
+import stat
+import sys
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from .attach import (
@@ -34,15 +49,15 @@ from .attach import (
     _state,
     attach,
     current_plan,
-    detach,
     get_config,
     is_attached,
     plan_targets,
     reprogramming_shapes,
     resize_head,
 )
-from .config import CLRConfig
-from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError
+from .config import CLRConfig, json_structure
+from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError, shown
+from .state import find_state
 from .version import __version__
 
 __all__ = [
@@ -65,6 +80,34 @@ FORMAT_VERSION = 1
 _FLOAT_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 _STORAGE_DTYPES = {None: None, "fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
 _FINGERPRINT_SAMPLES = 64
+
+MAX_HEADER_BYTES = 8 * 2**20
+"""The largest safetensors header read (the largest timm CNN's adapter has a header of about 200 kB)."""
+MAX_TENSORS = 16_384
+"""The most tensors an adapter file may hold (the largest timm CNN's adapter has about 1,500)."""
+MAX_RANK = 8
+"""The highest rank of a tensor in an adapter file (the built-in layers and timm's heads use at most 4)."""
+MAX_METADATA_CHARS = 4 * 2**20
+"""The most characters of metadata, keys and values together."""
+MAX_METADATA_VALUE_CHARS = 2 * 2**20
+"""The most characters of one metadata value (the label names of 21k classes take about 1 MB)."""
+MAX_METADATA_KEYS = 256
+"""The most metadata keys (clr_timm writes 12)."""
+_MAX_DIM = 2**31 - 1
+# safetensors dtype name -> (torch dtype, bytes per value), for every dtype a model's adapter tensors can have.
+_DTYPES = {
+    "F64": (torch.float64, 8),
+    "F32": (torch.float32, 4),
+    "F16": (torch.float16, 2),
+    "BF16": (torch.bfloat16, 2),
+    "I64": (torch.int64, 8),
+    "I32": (torch.int32, 4),
+    "I16": (torch.int16, 2),
+    "I8": (torch.int8, 1),
+    "U8": (torch.uint8, 1),
+    "BOOL": (torch.bool, 1),
+}
+_DTYPE_NAMES = {dtype: name for name, (dtype, _) in _DTYPES.items()}
 
 
 @dataclass
@@ -155,10 +198,17 @@ def _versions() -> dict[str, str]:
 
 
 def _check_task_name(task: str | None) -> None:
+    """A task name is a folder name on every system and on the Hub: no separators, no characters Windows refuses."""
     if task is not None and (
-        not isinstance(task, str) or not task or "/" in task or "\\" in task or task in (".", "..")
+        not isinstance(task, str)
+        or task in ("", ".", "..")
+        or any(c in '/\\<>:"|?*' or not c.isprintable() for c in task)
+        or len(task.encode("utf-8")) > 255
     ):
-        raise CLRError(f"task name must be a non-empty string without slashes, got {task!r}")
+        raise CLRError(
+            "a task name must be a non-empty folder name of at most 255 bytes, without control characters or any "
+            f'of / \\ < > : " | ? *, got {shown(task)}'
+        )
 
 
 def _storage_dtype(dtype: str | torch.dtype | None) -> torch.dtype | None:
@@ -238,24 +288,149 @@ def _metadata(adapter: AdapterFile) -> dict[str, str]:
     }
 
 
+def _metadata_problem(meta: Mapping[str, str]) -> str | None:
+    """Why ``meta`` is more metadata than :func:`read_adapter` reads, or None."""
+    if len(meta) > MAX_METADATA_KEYS:
+        return f"its metadata has {len(meta)} keys; clr_timm reads at most {MAX_METADATA_KEYS}"
+    key = max(meta, key=lambda k: len(meta[k]), default=None)
+    if key is not None and len(meta[key]) > MAX_METADATA_VALUE_CHARS:
+        return (
+            f"its metadata {shown(key, 60)} has {len(meta[key])} characters; clr_timm reads at most "
+            f"{MAX_METADATA_VALUE_CHARS} in one value"
+        )
+    total = sum(len(k) + len(v) for k, v in meta.items())
+    if total > MAX_METADATA_CHARS:
+        return f"its metadata has {total} characters; clr_timm reads at most {MAX_METADATA_CHARS}"
+    return None
+
+
+def _check_writable(adapter: AdapterFile, path: Path) -> None:
+    """Refuse to write what :func:`read_adapter` would refuse to read back (label names too long, ...)."""
+    problem = _metadata_problem(adapter.metadata)
+    if problem is None and len(adapter.tensors) > MAX_TENSORS:
+        problem = f"it has {len(adapter.tensors)} tensors; clr_timm reads at most {MAX_TENSORS}"
+    for key, t in adapter.tensors.items():
+        if problem is None and (t.dim() > MAX_RANK or t.dtype not in _DTYPE_NAMES):
+            problem = f"tensor {shown(key)} has rank {t.dim()} and dtype {t.dtype}, which clr_timm does not read"
+    if problem is not None:
+        raise AdapterError(f"cannot write the adapter to {path}: {problem}")
+
+
+# ------------------------------------------------------------------------------------------------------- writing files
+
+# A save writes into a temporary folder beside its target, named after it and the writing process: whatever the writer
+# leaves there (safetensors writes through a temporary file of its own) goes with the folder, and the next save beside
+# it can tell a folder left by a killed process from one still being written.
+_TEMPORARY_NAME_CHARS = 100
+
+
+def _temporary_prefix(path: Path) -> str:
+    return f".{path.name[:_TEMPORARY_NAME_CHARS]}."
+
+
+def _process_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # another user's process
+        return True
+    return True
+
+
+def _remove_stale_temporaries(path: Path) -> None:
+    """Remove what earlier saves to ``path`` left behind when their process was killed before it could."""
+    if os.name != "posix":  # os.kill(pid, 0) tells a live process from a dead one only on POSIX
+        return
+    prefix = _temporary_prefix(path)
+    try:
+        entries = [e for e in os.scandir(path.parent) if e.name.startswith(prefix)]
+    except OSError:
+        return
+    for entry in entries:
+        found = re.fullmatch(r"([1-9][0-9]*)-[0-9a-f]{16}\.tmp", entry.name[len(prefix) :])
+        if found is None or int(found.group(1)) == os.getpid() or _process_alive(int(found.group(1))):
+            continue
+        if entry.is_dir(follow_symlinks=False):
+            shutil.rmtree(entry.path, ignore_errors=True)
+        else:
+            with suppress(OSError):
+                os.unlink(entry.path)
+
+
+def _create_temporary(path: Path) -> Path:
+    """A new empty folder beside ``path``, created as any folder of the user's is (mode 0o777 less the umask)."""
+    while True:
+        folder = path.parent / f"{_temporary_prefix(path)}{os.getpid()}-{secrets.token_hex(8)}.tmp"
+        try:
+            os.mkdir(folder, 0o777)
+        except FileExistsError:
+            continue
+        return folder
+
+
+def _create_exclusively(tmp: Path, path: Path) -> None:
+    """Give the finished file ``tmp`` the name ``path`` only if nothing has it: FileExistsError otherwise."""
+    try:
+        os.link(tmp, path)  # atomic, and fails on any existing name (a file, a folder, a dangling link)
+    except FileExistsError:
+        raise
+    except OSError:  # a file system without hard links: claim the name exclusively, then move the file onto it
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_NOFOLLOW", 0), 0o666))
+        os.replace(tmp, path)
+
+
 @contextmanager
-def atomic_path(path: Path) -> Iterator[str]:
+def atomic_path(path: Path, *, exclusive: bool = False) -> Iterator[str]:
     """A temporary path beside ``path``: written by the caller, then fsynced and renamed over ``path``.
 
-    A crash or Ctrl-C before the rename leaves the previous file intact and removes the partial one.
+    The file gets the permissions of any new file of the user's (0o666 less the umask), however the caller wrote it
+    (safetensors writes 0o600). A crash or Ctrl-C before the rename leaves the previous file intact and removes the
+    partial one; what a save killed outright leaves is removed by the next save to ``path`` (once the killed process
+    is gone).
+
+    Args:
+        path: The file to write.
+        exclusive: Create ``path`` only if nothing is there, atomically: of two writers racing to one new path,
+            exactly one succeeds and the other gets FileExistsError (what it wrote removed).
     """
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
+    _remove_stale_temporaries(path)
+    folder = _create_temporary(path)
+    tmp = folder / path.name
     try:
-        yield tmp
+        yield str(tmp)
+        os.chmod(tmp, stat.S_IMODE(os.stat(folder).st_mode) & 0o666)  # the folder's mode is the umask's
         with open(tmp, "rb") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
+        if exclusive:
+            _create_exclusively(tmp, path)
+        else:
+            os.replace(tmp, path)
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _replaceable(path: Path, task: str | None) -> bool:
+    """Whether ``path`` holds an adapter of ``task`` that a save may replace; False when nothing is there.
+
+    Raises :class:`AdapterError` for anything else there: another task's adapter, or a file that is not one.
+    """
+    if not os.path.lexists(path):
+        return False
+    try:
+        with _open_file(path) as (f, size):
+            meta = _read_header(f, size, path).metadata
+        _check_format(meta, path)
+        existing = _json_meta(meta, "task", path, "a task name", most=4096)
+    except (AdapterError, OSError) as e:
+        raise AdapterError(f"{path} exists and is not a clr_timm adapter; pass overwrite=True to replace it") from e
+    if existing != task:
+        raise AdapterError(
+            f"{path} holds the adapter of task {shown(existing)}, not {shown(task)}; pass overwrite=True to replace it"
+        )
+    return True
 
 
 def write_adapter(adapter: AdapterFile, path: str | os.PathLike, *, overwrite: bool = False) -> AdapterFile:
@@ -265,75 +440,236 @@ def write_adapter(adapter: AdapterFile, path: str | os.PathLike, *, overwrite: b
         adapter: What to write (from :func:`extract_adapter` or :func:`read_adapter`).
         path: Destination file (conventionally ``*.safetensors``).
         overwrite: Replace an existing file that holds another task's adapter, or that is not an adapter at all.
-            An existing adapter of the same task is always replaced (saving checkpoints during training).
+            An existing adapter of the same task is always replaced (saving checkpoints during training). Without
+            it, a new file is created exclusively: of two saves racing to one new path, one writes it and the other
+            finds it there (and replaces it only if it holds the same task).
     """
     from safetensors.torch import save_file
 
     path = Path(path)
-    if path.is_dir():
+    if os.path.isdir(path):
         raise AdapterError(f"{path} is a directory; give a file path, or use clr_timm.save_pretrained for folders")
-    if path.exists() and not overwrite:
+    _check_writable(adapter, path)
+    try:
+        exclusive = not overwrite and not _replaceable(path, adapter.task)
         try:
-            existing = read_adapter(path)
-        except AdapterError as e:
-            raise AdapterError(f"{path} exists and is not a clr_timm adapter; pass overwrite=True to replace it") from e
-        if existing.task != adapter.task:
-            raise AdapterError(
-                f"{path} holds the adapter of task {existing.task!r}, not {adapter.task!r}; pass overwrite=True to "
-                "replace it"
-            )
-    with atomic_path(path) as tmp:
-        save_file(adapter.tensors, tmp, metadata=adapter.metadata)
+            with atomic_path(path, exclusive=exclusive) as tmp:
+                save_file(adapter.tensors, tmp, metadata=adapter.metadata)
+        except FileExistsError:  # another save created the file since: the rules for a file that was there apply
+            _replaceable(path, adapter.task)
+            with atomic_path(path) as tmp:
+                save_file(adapter.tensors, tmp, metadata=adapter.metadata)
+    except (OSError, SafetensorError) as e:  # the folder cannot be made, the disk is full, the name is too long, ...
+        reason = getattr(e, "strerror", None) or shown(str(e))
+        raise AdapterError(f"cannot write {shown(str(path))}: {reason}") from e
     return dataclasses.replace(adapter, path=str(path))
 
 
 # ------------------------------------------------------------------------------------------------------- reading
 
 
-def _sniff(path: Path) -> None:
-    """Refuse files that are plainly not safetensors, with a message that says what they are."""
-    size = path.stat().st_size
-    with open(path, "rb") as f:
-        head = f.read(9)
+@dataclass(frozen=True)
+class _Entry:
+    """Where one tensor lies in the data section of a file, checked against the file."""
+
+    dtype: torch.dtype
+    itemsize: int
+    shape: tuple[int, ...]
+    begin: int
+    end: int
+
+
+@dataclass(frozen=True)
+class _Header:
+    """A safetensors header, checked: the metadata, each tensor's entry, and where the data section starts."""
+
+    metadata: dict[str, str]
+    entries: dict[str, _Entry]
+    data_start: int
+    data_size: int
+
+
+def _unreadable(path: Path, why: str) -> AdapterError:
+    return AdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {why}")
+
+
+@contextmanager
+def _open_file(path: Path) -> Iterator[tuple[Any, int]]:
+    """``path`` opened once for every read that follows, and its size; anything but a regular file is refused.
+
+    Opened without blocking, so that a path swapped for a FIFO after the caller looked at it cannot hang the read.
+    """
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_BINARY", 0))
+    with open(fd, "rb") as f:
+        info = os.fstat(f.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise AdapterError(f"{path} is not a regular file; it is not an adapter file")
+        yield f, info.st_size
+
+
+def _is_pickle(head: bytes) -> bool:
+    return head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05"))
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    found = dict(pairs)
+    if len(found) != len(pairs):
+        raise AdapterError("a key appears twice in one object")
+    return found
+
+
+def _read_header(f, size: int, path: Path) -> _Header:
+    """The header of the safetensors file open as ``f`` (``size`` bytes), checked before any tensor is read.
+
+    Reads the 8-byte length and then the header itself, nothing more; refuses a length that does not fit the file or
+    exceeds :data:`MAX_HEADER_BYTES` before reading the header, and a header whose JSON holds more than
+    :data:`MAX_TENSORS` entries need before parsing it.
+    """
+    head = f.read(8)
     if not head:
         raise AdapterError(f"{path} is empty; it is not an adapter file")
-    # A safetensors file starts with the little-endian length of a JSON header that follows.
-    if len(head) == 9 and int.from_bytes(head[:8], "little") + 8 <= size and head[8:9] == b"{":
-        return
-    if head.startswith(b"PK\x03\x04") or (head[:1] == b"\x80" and head[1:2] in (b"\x02", b"\x03", b"\x04", b"\x05")):
+    n = int.from_bytes(head, "little")
+    if len(head) < 8 or n > size - 8:
+        if _is_pickle(head):  # only now: the length of a valid header can begin with the same bytes
+            raise AdapterError(
+                f"{path} is a PyTorch pickle checkpoint (torch.save), not a safetensors adapter; clr_timm never "
+                "unpickles files. Save adapters with clr_timm.save_adapter"
+            )
+        if len(head) < 8:
+            raise _unreadable(path, f"its {size} bytes are too few for the header's length")
+        raise _unreadable(path, f"it announces a header of {n} bytes, but only {size - 8} bytes follow")
+    if n > MAX_HEADER_BYTES:
         raise AdapterError(
-            f"{path} is a PyTorch pickle checkpoint (torch.save), not a safetensors adapter; clr_timm never unpickles "
-            "files. Save adapters with clr_timm.save_adapter"
+            f"{path} has a header of {n} bytes, more than the {MAX_HEADER_BYTES} clr_timm reads; it is not an adapter"
         )
-
-
-def _json_meta(meta: dict[str, str], key: str, path: Path, default: Any = None) -> Any:
-    if key not in meta:
-        return default
+    raw = f.read(n)
+    if len(raw) != n:
+        raise _unreadable(path, "it got shorter while it was read")
     try:
-        return json.loads(meta[key])
-    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the JSON parser goes
-        raise AdapterError(f"{path}: metadata field {key!r} is not valid JSON ({e})") from e
-
-
-def _load_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
-    """The metadata and tensors of a safetensors file, checked to be a clr_timm adapter of a version we read."""
-    from safetensors.torch import load as safetensors_load
-
-    _sniff(path)
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise _unreadable(path, "its header is not UTF-8 text") from None
+    del raw  # at most two copies of the header at a time: its text and its structure
+    if not text.lstrip().startswith("{"):
+        raise _unreadable(path, "its header is not a JSON object")
+    # A tensor's entry is 5 strings, an object with two arrays and a dozen separators at most; the metadata is one
+    # object of strings. Counted before parsing: json.loads would build up to 20 times the text's size in objects.
+    containers, separators = json_structure(text, 5 * MAX_TENSORS + 2 * MAX_METADATA_KEYS + 8)
+    if containers > 3 * MAX_TENSORS + 2 or separators > (MAX_RANK + 8) * MAX_TENSORS + 2 * MAX_METADATA_KEYS + 8:
+        raise AdapterError(
+            f"{path} has a header of {containers} JSON objects and arrays and {separators} separators, more than "
+            f"{MAX_TENSORS} tensors (the most clr_timm reads) and their metadata need; it is not an adapter"
+        )
     try:
-        data = path.read_bytes()
-        header_len = int.from_bytes(data[:8], "little")
-        meta = json.loads(data[8 : 8 + header_len]).get("__metadata__") or {}
-        tensors = safetensors_load(data)
-    except Exception as e:  # safetensors raises its own error types for every kind of damaged file
-        raise AdapterError(f"{path} is not a readable safetensors file (truncated or corrupt?): {e}") from e
+        header = json.loads(text, object_pairs_hook=_unique_keys)
+    except (ValueError, RecursionError, AdapterError) as e:
+        raise _unreadable(path, f"its header is not valid JSON ({shown(str(e), 120)})") from None
+    if not isinstance(header, dict):
+        raise _unreadable(path, "its header is not a JSON object")
+    meta = header.pop("__metadata__", None) or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterError(f"{path}: safetensors metadata must map strings to strings")
+    problem = _metadata_problem(meta)
+    if problem is not None:
+        raise AdapterError(f"{path}: {problem}; it is not an adapter")
+    if len(header) > MAX_TENSORS:
+        raise AdapterError(f"{path} has {len(header)} tensors; clr_timm reads at most {MAX_TENSORS}")
+    data_size = size - 8 - n
+    entries = {key: _entry(key, value, data_size, path) for key, value in header.items()}
+    _check_layout(entries, data_size, path)
+    return _Header(meta, entries, 8 + n, data_size)
+
+
+def _check_layout(entries: dict[str, Any], data_size: int, path: Path) -> None:
+    """safetensors lays the tensors end to end: in order of offsets, each starts where the one before ends, and the
+    last ends the file. Checked, overlaps and gaps can no longer make a read touch bytes twice or run past the data."""
+    position = 0
+    for key, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if e.begin != position:
+            raise _unreadable(
+                path,
+                f"tensor {shown(key, 80)} starts at byte {e.begin} of the data, not at {position} where the one "
+                "before it ends",
+            )
+        position = e.end
+    if position != data_size:
+        raise _unreadable(path, f"its tensors end at byte {position} of its data, which has {data_size} bytes")
+
+
+def _is_int(value: Any) -> bool:
+    return type(value) is int  # not a bool, nor a float that happens to be whole
+
+
+def _entry(key: str, value: Any, data_size: int, path: Path) -> _Entry:
+    """One tensor's header entry, checked: a dtype clr_timm reads, a shape, and offsets in the data that fit both."""
+    if type(value) is not dict:
+        raise _unreadable(path, f"the entry of tensor {shown(key, 80)} is not a JSON object")
+    name, shape, offsets = value.get("dtype"), value.get("shape"), value.get("data_offsets")
+    if type(name) is not str or name not in _DTYPES:
+        raise AdapterError(
+            f"{path}: tensor {shown(key, 80)} has dtype {shown(name, 40)}; clr_timm reads {', '.join(_DTYPES)}"
+        )
+    dtype, itemsize = _DTYPES[name]
+    if type(shape) is not list or len(shape) > MAX_RANK or not all(_is_int(d) and 0 <= d <= _MAX_DIM for d in shape):
+        raise _unreadable(
+            path, f"tensor {shown(key, 80)} has shape {shown(shape, 80)}, not a list of at most {MAX_RANK} sizes"
+        )
+    if type(offsets) is not list or len(offsets) != 2 or not (_is_int(offsets[0]) and _is_int(offsets[1])):
+        raise _unreadable(path, f"tensor {shown(key, 80)} has data offsets {shown(offsets, 80)}, not [begin, end]")
+    begin, end = offsets
+    if not 0 <= begin <= end <= data_size:
+        raise _unreadable(
+            path, f"tensor {shown(key, 80)} lies at bytes {begin} to {end} of a data section of {data_size} bytes"
+        )
+    if end - begin != math.prod(shape) * itemsize:
+        raise _unreadable(
+            path,
+            f"tensor {shown(key, 80)} of shape {tuple(shape)} and dtype {name} takes {end - begin} bytes, not "
+            f"{math.prod(shape) * itemsize}",
+        )
+    return _Entry(dtype, itemsize, tuple(shape), begin, end)
+
+
+def _read_tensors(f, header: _Header, path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of the header's entries: the data section, which they tile exactly, read at once and viewed."""
+    data = bytearray(header.data_size)
+    f.seek(header.data_start)
+    if f.readinto(data) != len(data):
+        raise _unreadable(path, "it got shorter while it was read")
+    tensors = {}
+    for key, e in header.entries.items():
+        if e.begin == e.end:
+            t = torch.empty(0, dtype=e.dtype)
+        elif e.begin % e.itemsize:  # a misaligned tensor gets a buffer of its own
+            t = torch.frombuffer(data[e.begin : e.end], dtype=e.dtype)
+        else:
+            t = torch.frombuffer(data, dtype=e.dtype, count=(e.end - e.begin) // e.itemsize, offset=e.begin)
+        if e.dtype == torch.bool and t.numel() and t.view(torch.uint8).max() > 1:
+            raise AdapterError(f"{path}: tensor {shown(key, 80)} is boolean but holds bytes other than 0 and 1")
+        if sys.byteorder == "big" and e.itemsize > 1:  # safetensors stores little-endian
+            t = t.view(torch.uint8).view(-1, e.itemsize).flip(1).reshape(-1).view(e.dtype)
+        tensors[key] = t.view(e.shape)
+    return tensors
+
+
+def _json_meta(meta: dict[str, str], key: str, path: Path, what: str, default: Any = None, most: int = 0) -> Any:
+    """The JSON value of metadata ``key``; longer than ``most`` characters (when given), refused unparsed."""
+    if key not in meta:
+        return default
+    if most and len(meta[key]) > most:
+        raise AdapterError(f"{path}: metadata {key!r} must be {what}, not {len(meta[key])} characters of JSON")
+    try:
+        return json.loads(meta[key])
+    except (ValueError, RecursionError) as e:
+        raise AdapterError(f"{path}: metadata field {key!r} is not valid JSON ({shown(str(e), 120)})") from e
+
+
+def _check_format(meta: dict[str, str], path: Path) -> None:
+    """Refuse metadata that is not a clr_timm adapter's, or that a newer clr_timm wrote."""
     if meta.get("clr_format") != FORMAT_NAME:
         raise AdapterError(
             f"{path} is a safetensors file but not a clr_timm adapter (metadata 'clr_format' is "
-            f"{meta.get('clr_format')!r}, expected {FORMAT_NAME!r})"
+            f"{shown(meta.get('clr_format'), 80)}, expected {FORMAT_NAME!r})"
         )
     try:
         version = int(meta.get("clr_format_version", ""))
@@ -346,7 +682,6 @@ def _load_file(path: Path) -> tuple[dict[str, str], dict[str, torch.Tensor]]:
             f"{path} was written in adapter format version {version} by a newer clr_timm; this clr_timm "
             f"({__version__}) reads up to version {FORMAT_VERSION}: upgrade clr_timm"
         )
-    return meta, tensors
 
 
 def _task_fields(meta: dict[str, str], path: Path) -> dict[str, Any]:
@@ -355,19 +690,17 @@ def _task_fields(meta: dict[str, str], path: Path) -> dict[str, Any]:
         raise AdapterError(f"{path}: metadata has no 'config'")
     try:
         config = CLRConfig.from_json(meta["config"])
-    except (ConfigError, RecursionError) as e:
+    except ConfigError as e:
         raise AdapterError(f"{path}: invalid CLRConfig in metadata: {e}") from e
-    num_classes = _json_meta(meta, "num_classes", path)
-    if num_classes is not None and (
-        not isinstance(num_classes, int) or isinstance(num_classes, bool) or num_classes < 0
-    ):
-        raise AdapterError(f"{path}: metadata 'num_classes' must be a non-negative integer, got {num_classes!r}")
-    label_names = _json_meta(meta, "label_names", path)
+    num_classes = _json_meta(meta, "num_classes", path, "a non-negative integer", most=64)
+    if num_classes is not None and (not _is_int(num_classes) or num_classes < 0):
+        raise AdapterError(f"{path}: metadata 'num_classes' must be a non-negative integer, got {shown(num_classes)}")
+    label_names = _json_meta(meta, "label_names", path, "a list of strings")
     if label_names is not None and not (isinstance(label_names, list) and all(isinstance(n, str) for n in label_names)):
         raise AdapterError(f"{path}: metadata 'label_names' must be a list of strings")
     if label_names is not None and num_classes is not None and len(label_names) != num_classes:
         raise AdapterError(f"{path}: metadata has {len(label_names)} label names for a head of {num_classes} classes")
-    task = _json_meta(meta, "task", path)
+    task = _json_meta(meta, "task", path, "a task name", most=4096)
     if task is not None and not isinstance(task, str):
         raise AdapterError(f"{path}: metadata 'task' must be a string")
     try:
@@ -377,41 +710,62 @@ def _task_fields(meta: dict[str, str], path: Path) -> dict[str, Any]:
     return {"config": config, "num_classes": num_classes, "label_names": label_names, "task": task}
 
 
-def _check_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    floats = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
-    for k, t in floats:
-        if t.dtype not in _FLOAT_DTYPES:
-            raise AdapterError(f"{path}: tensor {k!r} has unsupported dtype {t.dtype}")
-    if floats and not torch.isfinite(torch.cat([t.reshape(-1).float() for _, t in floats])).all():
-        bad = next(k for k, t in floats if not torch.isfinite(t).all())
-        raise AdapterError(f"{path}: tensor {bad!r} contains NaN or Inf values; the adapter is corrupt")
-
-
-def read_adapter(path: str | os.PathLike) -> AdapterFile:
-    """Read and check an adapter file on its own (no model needed). Raises :class:`AdapterError` on any problem.
-
-    A folder stands for the ``clr_adapter.safetensors`` in it.
-    """
-    path = Path(path)
-    if path.is_dir():
-        path = path / ADAPTER_FILE
-    if not path.is_file():
-        raise AdapterError(f"no adapter file at {path}")
-    meta, tensors = _load_file(path)
+def _adapter_of(meta: dict[str, str], path: Path) -> AdapterFile:
+    """The adapter the metadata describes, every field checked; its tensors are read after."""
+    _check_format(meta, path)
     fields = _task_fields(meta, path)
-    _check_values(tensors, path)
-    versions = _json_meta(meta, "versions", path, {}) or {}
+    versions = _json_meta(meta, "versions", path, "an object of strings", {}, most=65536)
     return AdapterFile(
         path=str(path),
-        tensors=tensors,
+        tensors={},
         **fields,
         architecture=meta.get("architecture") or None,
         pretrained_tag=meta.get("pretrained_tag") or None,
         hf_hub_id=meta.get("hf_hub_id") or None,
         backbone_fingerprint=meta.get("backbone_fingerprint") or None,
-        versions=versions if isinstance(versions, dict) else {},
+        versions={k: v for k, v in versions.items() if isinstance(v, str)} if isinstance(versions, dict) else {},
         metadata=dict(meta),
     )
+
+
+def _check_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
+    floats = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
+    if floats and not torch.isfinite(torch.cat([t.reshape(-1).float() for _, t in floats])).all():
+        bad = next(k for k, t in floats if not torch.isfinite(t).all())
+        raise AdapterError(f"{path}: tensor {shown(bad)} contains NaN or Inf values; the adapter is corrupt")
+
+
+def read_adapter(path: str | os.PathLike, *, model: nn.Module | None = None) -> AdapterFile:
+    """Read and check an adapter file. Raises :class:`AdapterError` on any problem.
+
+    A folder stands for the ``clr_adapter.safetensors`` in it. The header is checked whole before any tensor is read
+    (see the bounds at the top of :mod:`clr_timm.adapter`), so reading costs time and memory bounded by the tensors in
+    the file plus a small constant, whatever the file claims.
+
+    Args:
+        path: The adapter file, or a folder holding one.
+        model: The model the adapter is for, attached or not: the file is checked against it from its header alone
+            (config, architecture, head, and every tensor's name, shape and kind, as :func:`validate_adapter` checks
+            them; the backbone fingerprint is left to :func:`apply_adapter`), so a file with a tensor the model has
+            no place for is refused before any tensor is read, and only tensors the model expects are ever read.
+    """
+    path = Path(path)
+    if os.path.isdir(path):  # os.path: False, not OSError, for a name the system cannot take (too long, NUL)
+        path = path / ADAPTER_FILE
+    if not os.path.isfile(path):
+        raise AdapterError(f"no adapter file at {shown(str(path))}")
+    try:
+        with _open_file(path) as (f, size):
+            header = _read_header(f, size, path)
+            adapter = _adapter_of(header.metadata, path)
+            if model is not None:
+                specs = {k: (e.shape, e.dtype) for k, e in header.entries.items()}
+                _check_against(model, adapter, specs, check_backbone=False)
+            adapter.tensors = _read_tensors(f, header, path)
+    except OSError as e:
+        raise AdapterError(f"{path} cannot be read: {shown(str(e))}") from e
+    _check_values(adapter.tensors, path)
+    return adapter
 
 
 # ------------------------------------------------------------------------------------------------------ applying
@@ -421,13 +775,21 @@ def _expected_shapes(model: nn.Module, adapter: AdapterFile, plan) -> dict[str, 
     """key -> (shape, kind, is_float) the adapter must have to fit ``model`` (head resized to the adapter's classes)."""
     expected = {key: (shape, "clr", True) for key, shape in reprogramming_shapes(plan).items()}
     current = getattr(model, "num_classes", None)
+    resized = adapter.config.train_head and adapter.num_classes is not None and current != adapter.num_classes
+    sized = False  # a head tensor with one row per class, that the head's new size is read from
     for key, t, kind in _adapter_tensors(model, plan):
         if kind == "clr":
             continue
         shape = tuple(t.shape)
-        if kind == "head" and adapter.num_classes is not None and current != adapter.num_classes and shape:
-            shape = (adapter.num_classes, *shape[1:]) if shape[0] == current else shape
+        if kind == "head" and resized and shape and shape[0] == current:
+            shape, sized = (adapter.num_classes, *shape[1:]), True
         expected[key] = (shape, kind, t.is_floating_point())
+    if resized and not sized:
+        raise AdapterMismatchError(
+            f"{adapter.path} has a head for {adapter.num_classes} classes, but the model's head has no tensor of its "
+            f"{current} classes to size a new one from (a model made with num_classes=0?); make the model with "
+            f"num_classes={adapter.num_classes}"
+        )
     return expected
 
 
@@ -436,12 +798,12 @@ def _check_fits(model: nn.Module, adapter: AdapterFile) -> None:
     path = adapter.path
     if is_attached(model) and get_config(model) != adapter.config:
         raise AdapterMismatchError(
-            f"{path} was made with {adapter.config}, but the model is attached with {get_config(model)}; "
+            f"{path} was made with {shown(adapter.config, 400)}, but the model is attached with {get_config(model)}; "
             "call clr_timm.detach(model) first, or load it into a fresh model"
         )
     arch = base_model_info(model)["architecture"]
     if adapter.architecture and arch and adapter.architecture != arch:
-        raise AdapterMismatchError(f"{path} is an adapter for {adapter.architecture!r}, not for {arch!r}")
+        raise AdapterMismatchError(f"{path} is an adapter for {shown(adapter.architecture)}, not for {arch!r}")
     if adapter.config.train_head and adapter.num_classes != getattr(model, "num_classes", None):
         if not hasattr(model, "reset_classifier"):
             raise AdapterMismatchError(
@@ -449,6 +811,53 @@ def _check_fits(model: nn.Module, adapter: AdapterFile) -> None:
             )
         if adapter.num_classes is None:
             raise AdapterError(f"{path}: metadata has no 'num_classes' to size the head with")
+        if adapter.num_classes < 1:
+            raise AdapterMismatchError(
+                f"{path} records a head of {adapter.num_classes} classes; a per-task head has at least one class "
+                "(the file is damaged, or was not written by clr_timm)"
+            )
+
+
+def _check_against(
+    model: nn.Module,
+    adapter: AdapterFile,
+    specs: Mapping[str, tuple[tuple[int, ...], torch.dtype]],
+    *,
+    check_backbone: bool,
+    tensors: dict[str, torch.Tensor] | None = None,
+) -> CLRPlan:
+    """:func:`validate_adapter` on the adapter's tensors as ``specs`` (key -> shape and dtype) describe them."""
+    path = adapter.path
+    _check_fits(model, adapter)
+    plan = plan_targets(model, adapter.config)
+    expected = _expected_shapes(model, adapter, plan)
+    for key, (shape, kind, is_float) in expected.items():
+        if key not in specs:
+            raise AdapterMismatchError(f"{path} has no tensor {key!r} ({kind}) that the model needs: wrong base model?")
+        got_shape, got_dtype = specs[key]
+        if tuple(got_shape) != shape:
+            raise AdapterMismatchError(f"{path}: tensor {key!r} has shape {tuple(got_shape)}, the model needs {shape}")
+        if got_dtype.is_floating_point != is_float:
+            raise AdapterMismatchError(
+                f"{path}: tensor {key!r} has dtype {got_dtype}, the model needs a "
+                f"{'floating' if is_float else 'integer'} tensor"
+            )
+    extra = sorted(set(specs) - set(expected))
+    if extra:
+        raise AdapterMismatchError(
+            f"{path} has tensor {shown(extra[0])} that the model has no place for"
+            f"{f' (and {len(extra) - 1} more)' if len(extra) > 1 else ''}: wrong base model?"
+        )
+    if check_backbone and adapter.backbone_fingerprint:
+        mine = backbone_fingerprint(model, _plan=plan, _tensors=tensors)
+        if mine is not None and mine != adapter.backbone_fingerprint:
+            raise BackboneMismatchError(
+                f"{path} was trained on other backbone weights than this model's (fingerprint "
+                f"{shown(adapter.backbone_fingerprint, 40)} != {mine!r}; made for "
+                f"{shown(adapter.base_model) if adapter.base_model else 'an unknown base model'}). "
+                "Load the right pretrained weights, or pass check_backbone=False to load it anyway"
+            )
+    return plan
 
 
 def validate_adapter(
@@ -466,39 +875,66 @@ def validate_adapter(
         check_backbone: Refuse an adapter recorded for other backbone weights (fingerprint mismatch).
         tensors: ``model``'s ``state_dict(keep_vars=True)`` when the caller already has it (saves a model walk).
     """
-    path = adapter.path
-    _check_fits(model, adapter)
-    plan = plan_targets(model, adapter.config)
-    expected = _expected_shapes(model, adapter, plan)
-    for key, (shape, kind, is_float) in expected.items():
-        if key not in adapter.tensors:
-            raise AdapterMismatchError(f"{path} has no tensor {key!r} ({kind}) that the model needs: wrong base model?")
-        got = adapter.tensors[key]
-        if tuple(got.shape) != shape:
-            raise AdapterMismatchError(f"{path}: tensor {key!r} has shape {tuple(got.shape)}, the model needs {shape}")
-        if got.is_floating_point() != is_float:
-            raise AdapterMismatchError(
-                f"{path}: tensor {key!r} has dtype {got.dtype}, the model needs a "
-                f"{'floating' if is_float else 'integer'} tensor"
-            )
-    extra = sorted(set(adapter.tensors) - set(expected))
-    if extra:
-        raise AdapterMismatchError(f"{path} has tensor {extra[0]!r} that the model has no place for: wrong base model?")
-    if check_backbone and adapter.backbone_fingerprint:
-        mine = backbone_fingerprint(model, _plan=plan, _tensors=tensors)
-        if mine is not None and mine != adapter.backbone_fingerprint:
-            raise BackboneMismatchError(
-                f"{path} was trained on other backbone weights than this model's (fingerprint "
-                f"{adapter.backbone_fingerprint} != {mine}; made for {adapter.base_model or 'an unknown base model'}). "
-                "Load the right pretrained weights, or pass check_backbone=False to load it anyway"
-            )
-    return plan
+    specs = {k: (tuple(t.shape), t.dtype) for k, t in adapter.tensors.items()}
+    return _check_against(model, adapter, specs, check_backbone=check_backbone, tensors=tensors)
+
+
+class _Undo:
+    """What loading an adapter may change in a model, kept so that a failed load puts back the very same objects.
+
+    ``attach`` adds children, hooks and attributes; ``resize_head`` (timm's ``reset_classifier``) replaces the head's
+    modules and attributes; the copy overwrites values. Restoring every module's own attributes in place (the same
+    dicts, so hook handles held elsewhere still remove their hooks), each parameter's ``requires_grad`` and every
+    overwritten value gives back the model as it was: an optimizer holding its head's parameters still holds the
+    model's, and its hooks and training modes are the ones it had.
+    """
+
+    def __init__(self, model: nn.Module, tensors: dict[str, torch.Tensor], keys, structure: bool = True) -> None:
+        """``structure``: whether the load may attach or resize the head (else only values and the task change)."""
+        self.modules = []
+        for m in model.modules() if structure else ():
+            attrs = dict(vars(m))
+            containers = {k: v.copy() for k, v in attrs.items() if isinstance(v, (dict, set, list))}
+            self.modules.append((m, attrs, containers))
+        self.flags = [(p, p.requires_grad) for p in model.parameters()] if structure else []
+        self.values = [(tensors[k], tensors[k].detach().clone()) for k in keys if k in tensors]
+        state = find_state(model)
+        self.record = (state, state.task, state.label_names) if state is not None else None
+
+    def restore(self) -> None:
+        for module, attrs, containers in self.modules:
+            for name, saved in containers.items():
+                live = attrs[name]
+                if isinstance(live, list):
+                    live[:] = saved
+                else:
+                    live.clear()
+                    live.update(saved)
+            module.__dict__.clear()
+            module.__dict__.update(attrs)
+        for p, flag in self.flags:
+            p.requires_grad_(flag)
+        with torch.no_grad():
+            for t, v in self.values:
+                t.copy_(v)
+        if self.record is not None:
+            state, task, label_names = self.record
+            state.task, state.label_names = task, label_names
 
 
 def _copy_in(model: nn.Module, adapter: AdapterFile, tensors: dict[str, torch.Tensor] | None = None) -> None:
     """Copy the adapter's tensors in (``tensors``: the attached model's current ``state_dict(keep_vars=True)``)."""
     if adapter.config.train_head and adapter.num_classes != getattr(model, "num_classes", None):
         resize_head(model, adapter.num_classes)
+        # The new head must be the one validation expected: every tensor the adapter owns now, with the file's shapes.
+        owned = {k: tuple(t.shape) for k, t, _ in _adapter_tensors(model, current_plan(model))}
+        wanted = {k: tuple(t.shape) for k, t in adapter.tensors.items()}
+        if owned != wanted:
+            key = min(k for k in owned.keys() | wanted.keys() if owned.get(k) != wanted.get(k))
+            raise AdapterMismatchError(
+                f"{adapter.path}: with a head of {adapter.num_classes} classes the model's tensor {shown(key)} has "
+                f"shape {owned.get(key)}, the file's {wanted.get(key)}"
+            )
         tensors = None  # the head is new
     tensors = _named_tensors(model) if tensors is None else tensors
     with torch.no_grad():
@@ -512,30 +948,24 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, *, check_backbone: boo
     """Put an adapter into ``model``: attach CLR if needed, resize the head, copy the tensors.
 
     The model records the adapter's task and label names (the defaults of its next save). Everything is validated
-    first; on any error, then or while copying, the model is left exactly as it was.
+    first; on any error, then or while copying, the model is left exactly as it was: the same module and parameter
+    objects (an optimizer over them keeps training them), ``requires_grad`` flags, hooks, training modes and values.
     """
     _refuse_fused(model, "loading an adapter into it")
     was_attached = is_attached(model)
     tensors = _named_tensors(model)  # one walk, shared by the fingerprint, the backup and the copy
     validate_adapter(model, adapter, check_backbone=check_backbone, tensors=tensors)
-    backup = None
-    if was_attached:
-        backup = {k: tensors[k].detach().clone() for k in adapter.tensors}  # exactly what _copy_in overwrites
-        old = (_state(model).task, _state(model).label_names, getattr(model, "num_classes", None))
+    resizes = adapter.config.train_head and adapter.num_classes != getattr(model, "num_classes", None)
+    undo = _Undo(model, tensors, adapter.tensors, structure=resizes or not was_attached)
     try:
         if not was_attached:
             attach(model, adapter.config)
         _copy_in(model, adapter, tensors if was_attached else None)
-    except BaseException:
-        if not was_attached and is_attached(model):
-            detach(model)
-        elif was_attached:
-            if getattr(model, "num_classes", None) != old[2]:
-                resize_head(model, old[2])
-            tensors = _named_tensors(model)
-            with torch.no_grad():
-                for k, v in backup.items():
-                    tensors[k].copy_(v)
-            _state(model).task, _state(model).label_names = old[0], old[1]
-        raise
+    except BaseException as e:
+        undo.restore()
+        if isinstance(e, CLRError) or not isinstance(e, Exception):
+            raise
+        raise AdapterError(
+            f"{adapter.path} could not be loaded ({type(e).__name__}: {shown(str(e))}); the model was left as it was"
+        ) from e
     return model

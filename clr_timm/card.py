@@ -9,14 +9,23 @@ One folder (or Hub repo) per backbone holds many tasks, one subfolder per task (
 
 This module writes and reads that layout on disk, renders the card, and says what an adapter or a folder holds
 (:func:`describe_file`, :func:`describe_local`); :mod:`clr_timm.hub` moves the same files to and from the Hub.
+
+Everything in these files may come from a stranger. A folder is read without following links, each file once and
+bounded in size; what is uploaded is those bytes, as they were checked. ``clr_config.json`` is checked for the shape
+this module reads, and text from it or from a task's name reaches the card only escaped, so it cannot break the
+card's generated section.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import html
 import json
 import math
+import os
 import re
 import shlex
+import tempfile
 from collections import Counter
 from contextlib import suppress
 from dataclasses import dataclass
@@ -36,10 +45,10 @@ from .adapter import (
     write_adapter,
 )
 from .attach import CLR_ATTR, plan_targets
-from .config import CLRConfig
+from .config import CLRConfig, json_structure
 from .count import ParameterCount, count_parameters
-from .errors import AdapterError, CLRError, HubError
-from .source import check_recorded_task, task_file
+from .errors import AdapterError, CLRError, HubError, printable, shown
+from .source import check_no_link, check_recorded_task, folder_tasks, read_in_folder, task_file
 
 __all__ = [
     "CONFIG_FILE",
@@ -48,6 +57,7 @@ __all__ = [
     "TaskFiles",
     "summarize",
     "dump_summary",
+    "parse_summary",
     "read_summary",
     "local_tasks",
     "write_task_folder",
@@ -55,6 +65,8 @@ __all__ = [
     "check_one_backbone",
     "render_card",
     "write_local_card",
+    "read_card",
+    "checked_adapter",
     "describe_file",
     "describe_collection",
     "describe_local",
@@ -71,6 +83,18 @@ _CARD_TAGS = ("clr", "continual-learning", "timm", "image-classification")
 _DEFAULT_LICENSE = "apache-2.0"  # timm's default for cards it writes
 _STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _KINDS = ("clr", "norm_affine", "norm_stats", "head", "norm_affine / head")
+MAX_CONFIG_BYTES = 16 << 20
+"""The largest ``clr_config.json`` read (label names of 20,000 classes take about 1 MB)."""
+MAX_CARD_BYTES = 16 << 20
+"""The largest ``README.md`` read."""
+MAX_UPLOAD_BYTES = 4 << 30
+"""The largest adapter file read from a folder to upload."""
+_MAX_DEPTH = 32  # JSON nesting in clr_config.json: a CLRConfig is two levels deep
+_MAX_CONTAINERS = 10_000  # objects and lists in clr_config.json (it writes about ten)
+_MAX_SEPARATORS = 1_000_000  # commas and colons (one per label name, a few dozen more)
+_TIMM_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,199}")  # what a timm model name (``arch.tag``) looks like
+_HUB_ID = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}/[A-Za-z0-9_][A-Za-z0-9_.-]{0,95}")
+_DTYPE = re.compile(r"[a-z0-9_]{1,20}")
 
 
 def task_label(task: str | None) -> str:
@@ -126,8 +150,13 @@ def _count_from_metadata(adapter: AdapterFile) -> ParameterCount | None:
         return None
 
 
-def summarize(adapter: AdapterFile, count: ParameterCount | None, license: str | None = None) -> dict[str, Any]:
-    """The content of ``clr_config.json``: everything a person (or the model card) wants to know about an adapter."""
+def summarize(
+    adapter: AdapterFile, count: ParameterCount | None, license: str | None = None, file_size: int | None = None
+) -> dict[str, Any]:
+    """The content of ``clr_config.json``: everything a person (or the model card) wants to know about an adapter.
+
+    ``file_size`` is the adapter file's size (default: that of ``adapter.path``).
+    """
     path = Path(adapter.path)
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values() if t.is_floating_point())
     parameters = None
@@ -156,7 +185,7 @@ def summarize(adapter: AdapterFile, count: ParameterCount | None, license: str |
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
         "num_tensors": len(adapter.tensors),
         "num_values": adapter.num_values(),
-        "file_size": path.stat().st_size,
+        "file_size": file_size if file_size is not None else path.stat().st_size,
         "versions": adapter.versions,
     }
 
@@ -166,63 +195,167 @@ def dump_summary(summary: dict[str, Any]) -> str:
     return json.dumps(summary, indent=2) + "\n"
 
 
-def read_summary(path: Path) -> dict[str, Any]:
-    """A ``clr_config.json``, read; :class:`AdapterError` when it is not a JSON object."""
+_STRINGS = ("task", "dtype", "format", "adapter_file")
+_INTEGERS = ("num_classes", "num_tensors", "num_values", "file_size", "format_version")
+_OBJECTS = ("base_model", "parameters", "versions")
+
+
+def _depth(value: Any) -> int:
+    """How deeply JSON containers nest in ``value``, counted without recursion."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, depth = stack.pop()
+        if isinstance(item, (dict, list)):
+            deepest = max(deepest, depth)
+            if depth <= _MAX_DEPTH:
+                stack.extend((v, depth + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _wrong_field(data: dict[str, Any]) -> str | None:
+    """The first field whose type is not what this module reads (None: every field is usable)."""
+    for key in _STRINGS:
+        if data.get(key) is not None and not isinstance(data[key], str):
+            return f"{key!r} must be a string"
+    for key in _INTEGERS:
+        if data.get(key) is not None and (not isinstance(data[key], int) or isinstance(data[key], bool)):
+            return f"{key!r} must be an integer"
+    for key in _OBJECTS:
+        if data.get(key) is not None and not isinstance(data[key], dict):
+            return f"{key!r} must be an object"
+    labels = data.get("label_names")
+    if labels is not None and not (isinstance(labels, list) and all(isinstance(n, str) for n in labels)):
+        return "'label_names' must be a list of strings"
+    for key, value in (data.get("base_model") or {}).items():
+        if value is not None and not isinstance(value, str):
+            return f"'base_model.{printable(str(key), 40)}' must be a string"
+    return None
+
+
+def parse_summary(data: bytes, where: str | os.PathLike) -> dict[str, Any]:
+    """The content of a ``clr_config.json``, checked to have the shape :func:`summarize` writes (other keys pass)."""
+    if len(data) > MAX_CONFIG_BYTES:
+        raise AdapterError(f"{where} has {len(data):,} bytes, more than the {MAX_CONFIG_BYTES:,} of a {CONFIG_FILE}")
     try:
-        data = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise AdapterError(f"{path} is not a readable JSON file ({e}); delete it and save the adapter again") from e
-    if not isinstance(data, dict):
-        raise AdapterError(f"{path} must hold a JSON object, got {type(data).__name__}")
-    return data
+        text = data.decode("utf-8")
+        containers, separators = json_structure(text)
+        if containers > _MAX_CONTAINERS or separators > _MAX_SEPARATORS:  # refused before json.loads builds them
+            raise AdapterError(
+                f"{where} holds {containers:,} objects and lists and {separators:,} separators, more than a "
+                f"{CONFIG_FILE} has; delete it and save the adapter again"
+            )
+        summary = json.loads(text)
+    except (ValueError, RecursionError) as e:  # RecursionError: nested deeper than the JSON parser goes
+        reason = printable(str(e) or type(e).__name__)
+        raise AdapterError(f"{where} is not a readable JSON file ({reason}); delete it, save the adapter again") from e
+    if not isinstance(summary, dict):
+        raise AdapterError(f"{where} must hold a JSON object, got {type(summary).__name__}")
+    if _depth(summary) > _MAX_DEPTH:
+        raise AdapterError(f"{where} nests deeper than {_MAX_DEPTH} levels; delete it and save the adapter again")
+    wrong = _wrong_field(summary)
+    if wrong is not None:
+        raise AdapterError(f"{where}: {wrong}; delete it and save the adapter again")
+    return summary
+
+
+def read_summary(path: Path) -> dict[str, Any]:
+    """A ``clr_config.json`` at ``path`` (a file the Hub client downloaded, or one written here), read and checked."""
+    try:
+        if path.stat().st_size > MAX_CONFIG_BYTES:
+            raise AdapterError(f"{path} has more than the {MAX_CONFIG_BYTES:,} bytes a {CONFIG_FILE} may have")
+        data = path.read_bytes()
+    except OSError as e:
+        raise AdapterError(f"cannot read {path}: {e.strerror or e}") from e
+    return parse_summary(data, path)
 
 
 @dataclass
 class TaskFiles:
-    """One task's files, on disk or in a repo: where it lives, what its clr_config.json says, its adapter size."""
+    """One task's files, on disk or in a repo: its name, what its clr_config.json says, its adapter's size.
+
+    ``adapter`` and ``config`` are the bytes to upload, read once and checked (:func:`local_tasks`); ``config`` None
+    uploads ``dump_summary(summary)``.
+    """
 
     task: str | None
     summary: dict[str, Any]
     file_size: int | None
-    adapter: Path | None = None
-    config: Path | None = None
+    adapter: bytes | None = None
+    config: bytes | None = None
+
+
+def checked_adapter(data: bytes, path: Path) -> AdapterFile:
+    """``data``, the content of the adapter file ``path``, checked as :func:`~clr_timm.read_adapter` checks a file.
+
+    The bytes are what is checked, not ``path`` (which may have changed since): they go through a private copy.
+    """
+    with tempfile.TemporaryDirectory(prefix="clr_timm-check-") as tmp:
+        copy = Path(tmp) / ADAPTER_FILE
+        copy.write_bytes(data)
+        try:
+            adapter = read_adapter(copy)
+        except AdapterError as e:
+            raise type(e)(str(e).replace(str(copy), str(path))) from e
+    return dataclasses.replace(adapter, path=str(path))
 
 
 def local_tasks(folder: Path, validate: bool = True) -> list[TaskFiles]:
-    """The adapters of a ``save_pretrained`` folder: the root one (task None) first, then the task folders."""
-    candidates = [(None, folder)] if (folder / ADAPTER_FILE).is_file() else []
-    candidates += [(p.name, p) for p in sorted(folder.iterdir()) if p.is_dir() and (p / ADAPTER_FILE).is_file()]
+    """The adapters of a ``save_pretrained`` folder: the root one (task None) first, then the task folders.
+
+    Nothing is read through a link. With ``validate``, each adapter file is read once, checked, and kept as the bytes
+    to upload; without, only its size is taken (unless it has no ``clr_config.json`` to summarise it).
+    """
+    root = os.path.lexists(folder / ADAPTER_FILE)
     tasks = []
-    for name, where in candidates:
-        adapter_path, config_path = where / ADAPTER_FILE, where / CONFIG_FILE
-        if config_path.is_file():
-            summary = read_summary(config_path)
-            if validate:
-                read_adapter(adapter_path)
+    for name in [*([None] if root else []), *folder_tasks(folder)]:
+        where = f"{name}/" if name is not None else ""
+        adapter_path = folder / where / ADAPTER_FILE
+        config = read_in_folder(folder, where + CONFIG_FILE, MAX_CONFIG_BYTES)
+        data, size = None, None
+        if validate or config is None:
+            data = read_in_folder(folder, where + ADAPTER_FILE, MAX_UPLOAD_BYTES)
+            if data is None:
+                raise AdapterError(f"{adapter_path} disappeared while {folder} was read")
+            adapter, size = checked_adapter(data, adapter_path), len(data)
         else:
-            adapter = read_adapter(adapter_path)
-            summary = summarize(adapter, _count_from_metadata(adapter))
-            config_path = None
-        tasks.append(TaskFiles(name, summary, adapter_path.stat().st_size, adapter_path, config_path))
+            check_no_link(folder, where + ADAPTER_FILE)
+            size = adapter_path.stat().st_size
+        if config is not None:
+            summary = parse_summary(config, folder / where / CONFIG_FILE)
+        else:
+            summary = summarize(adapter, _count_from_metadata(adapter), file_size=size)
+        tasks.append(TaskFiles(name, summary, size, data if validate else None, config))
     return tasks
 
 
 # ---------------------------------------------------------------------------------------------------- model card
 
 
+def _timm_name(value: Any) -> str | None:
+    """``value`` if it looks like a timm model name (the only base model text a card shows), else None."""
+    return value if isinstance(value, str) and _TIMM_NAME.fullmatch(value) else None
+
+
 def _base_model_id(summary: dict[str, Any]) -> str | None:
     base = summary.get("base_model") or {}
     hub_id = base.get("hf_hub_id")
-    if isinstance(hub_id, str) and hub_id.count("/") == 1 and not hub_id.endswith("/"):
+    if isinstance(hub_id, str) and _HUB_ID.fullmatch(hub_id):
         return hub_id
-    if base.get("architecture") and base.get("pretrained_tag"):
-        return f"timm/{base['architecture']}.{base['pretrained_tag']}"
-    return None
+    architecture, tag = _timm_name(base.get("architecture")), _timm_name(base.get("pretrained_tag"))
+    return f"timm/{architecture}.{tag}" if architecture and tag else None
 
 
 def _base_name(t: TaskFiles) -> str | None:
     base = t.summary.get("base_model") or {}
     return base.get("name") or base.get("architecture")
+
+
+def _code(text: str) -> str:
+    """``text`` as inline code that nothing in it can end early (its backticks, non-printable characters)."""
+    text = printable(text)
+    fence = "`" * (max(map(len, re.findall("`+", text)), default=0) + 1)
+    pad = " " if text.startswith("`") or text.endswith("`") else ""
+    return f"{fence}{pad}{text}{pad}{fence}"
 
 
 def check_one_backbone(where: str, tasks: list[TaskFiles]) -> None:
@@ -231,8 +364,9 @@ def check_one_backbone(where: str, tasks: list[TaskFiles]) -> None:
     for t in named[1:]:
         if _base_name(t) != _base_name(named[0]):
             raise HubError(
-                f"{where} holds adapters for {_base_name(named[0])!r} ({task_label(named[0].task)}), and "
-                f"{task_label(t.task)} is for {_base_name(t)!r}: keep one base model per repo, push to another repo"
+                f"{where} holds adapters for {shown(_base_name(named[0]))} ({task_label(named[0].task)}), and "
+                f"{task_label(t.task)} is for {shown(_base_name(t))}: keep one base model per repo, push to another "
+                "repo"
             )
     fingerprints: dict[str, tuple[str | None, str]] = {}
     for t in tasks:
@@ -245,15 +379,16 @@ def check_one_backbone(where: str, tasks: list[TaskFiles]) -> None:
         if fingerprint != first:
             raise HubError(
                 f"{where}: {task_label(t.task)} was trained on other backbone weights than {task_label(first_task)} "
-                f"(fingerprint {fingerprint} != {first}): keep one backbone per repo, push to another repo"
+                f"(fingerprint {shown(fingerprint)} != {shown(first)}): keep one backbone per repo, push to another "
+                "repo"
             )
 
 
 def _usage(repo_id: str | None, summary: dict[str, Any], task: str | None) -> str:
     base = summary.get("base_model") or {}
-    name = base.get("name") or base.get("architecture") or "<timm model name>"
+    name = _timm_name(base.get("name")) or _timm_name(base.get("architecture")) or "<timm model name>"
     source = f"hf-hub:{repo_id}" if repo_id else "hf-hub:ORG/NAME"
-    task_arg = f", task={json.dumps(task)}" if task is not None else ""
+    task_arg = f", task={json.dumps(task)}" if task is not None else ""  # a task name has no '<', '|' or newline
     cli_repo = repo_id or "ORG/NAME"
     cli_task = f" --task {shlex.quote(task)}" if task is not None else ""
     lines = [
@@ -269,7 +404,8 @@ def _usage(repo_id: str | None, summary: dict[str, Any], task: str | None) -> st
         "```",
         "",
         f'The tasks of this repo: `clr_timm.list_tasks("{cli_repo}")`. From the shell: '
-        f"`clr-timm pull {cli_repo}{cli_task}` downloads a task into the Hub cache, where it stays available offline.",
+        f"{_code(f'clr-timm pull {cli_repo}{cli_task}')} downloads a task into the Hub cache, where it stays available "
+        "offline.",
     ]
     if repo_id is None:
         lines += ["", "(Replace ORG/NAME by the repo this folder is uploaded to, or load from the folder's path.)"]
@@ -294,14 +430,15 @@ def _row(t: TaskFiles) -> str:
         p.get("head"),
         s.get("num_classes"),
     )
+    dtype = s.get("dtype")
     cells = [
-        f"`{t.task}`" if t.task is not None else "(repo root)",
+        _code(t.task) if t.task is not None else "(repo root)",
         _variant(s.get("config")),
-        str(classes) if classes is not None else "?",
+        f"{classes}" if isinstance(classes, int) else "?",
         f"{per_task:,}" if isinstance(per_task, int) else "?",
         f"{percent:.3f}%" if isinstance(percent, (int, float)) else "?",
         f"{head:,}" if isinstance(head, int) else "?",
-        _human_bytes(t.file_size) + (f" ({s['dtype']})" if s.get("dtype") else ""),
+        _human_bytes(t.file_size) + (f" ({dtype})" if isinstance(dtype, str) and _DTYPE.fullmatch(dtype) else ""),
     ]
     return f"| {' | '.join(cells)} |"
 
@@ -342,7 +479,8 @@ def render_card(
     base = next((b for b in (_base_model_id(t.summary) for t in tasks) if b), None)
     block = _tasks_block(repo_id, tasks)
     if existing is None:
-        name = next((n for n in map(_base_name, tasks) if n), None)
+        name = next((n for n in (_timm_name(_base_name(t)) for t in tasks) if n), None)
+        title = html.escape(printable(title), quote=False)  # a folder's name: no markup, no comment marker
         intro = (
             "Channel-wise Lightweight Reprogramming (CLR, Ge et al., ICCV 2023) adapters"
             + (f" for the timm model `{name}`" if name else "")
@@ -356,8 +494,8 @@ def render_card(
             card = ModelCard(existing)
         except Exception as e:  # yaml errors, a metadata block that is not a mapping
             raise HubError(
-                f"the existing {CARD_FILE} of {repo_id or title} has metadata that does not parse ({e}): fix its "
-                "YAML header, then push again"
+                f"the existing {CARD_FILE} of {repo_id or printable(title)} has metadata that does not parse "
+                f"({printable(str(e))}): fix its YAML header, then push again"
             ) from e
         text = card.text
         if _CARD_BLOCK.search(text):
@@ -383,9 +521,16 @@ def write_local_card(folder: Path) -> None:
     tasks = local_tasks(folder, validate=False)
     if not tasks:
         return
-    path = folder / CARD_FILE
-    existing = path.read_text(encoding="utf-8") if path.is_file() else None
-    _atomic_write_text(path, render_card(existing, None, folder.resolve().name, tasks))
+    _atomic_write_text(folder / CARD_FILE, render_card(read_card(folder), None, folder.resolve().name, tasks))
+
+
+def read_card(folder: Path) -> str | None:
+    """The ``README.md`` of a folder (None: it has none), read once and not through a link."""
+    data = read_in_folder(folder, CARD_FILE, MAX_CARD_BYTES)
+    try:
+        return data.decode("utf-8") if data is not None else None
+    except UnicodeDecodeError as e:
+        raise AdapterError(f"{folder / CARD_FILE} is not UTF-8 text ({e}); fix or delete it") from e
 
 
 def model_license(model: torch.nn.Module) -> str | None:
@@ -414,7 +559,7 @@ def write_task_folder(
         overwrite: As in :func:`~clr_timm.adapter.write_adapter`.
 
     Returns:
-        The task's files (its folder is ``.adapter.parent``), checked as they were written.
+        The task's name, summary and file size (no bytes: read them back with :func:`local_tasks` to upload).
     """
     _check_task_name(task)
     if folder.is_file():
@@ -422,10 +567,15 @@ def write_task_folder(
             f"{folder} is a file; save_pretrained writes a folder (use clr_timm.save_adapter for a file)"
         )
     target = folder / task if task is not None else folder
+    where = f"{task}/" if task is not None else ""
+    for name in (ADAPTER_FILE, CONFIG_FILE):  # write into the folder, never through a link out of it
+        check_no_link(folder, where + name)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise AdapterError(f"{target} is a file, not a task's folder: move it away, or save the task by another name")
     written = write_adapter(adapter, target / ADAPTER_FILE, overwrite=overwrite)
     summary = summarize(written, count if count is not None else _count_from_metadata(written), license)
     _atomic_write_text(target / CONFIG_FILE, dump_summary(summary))
-    return TaskFiles(task, summary, summary["file_size"], target / ADAPTER_FILE, target / CONFIG_FILE)
+    return TaskFiles(task, summary, summary["file_size"])
 
 
 # ------------------------------------------------------------------------------------------------------ describe
@@ -474,19 +624,32 @@ def _tensors_by_kind(adapter: AdapterFile) -> dict[str, dict[str, Any]]:
     }
 
 
-def describe_file(path: Path, extra: dict[str, Any] | None = None, *, task: str | None = None) -> dict[str, Any]:
+def _parameters_beside(path: Path, in_hub_cache: bool) -> dict[str, Any] | None:
+    """The parameter counts of the ``clr_config.json`` beside an adapter file, if there is a readable one.
+
+    In the Hub cache, files are links the client made; anywhere else a linked config is not read.
+    """
+    with suppress(AdapterError):  # none, or one someone broke: the counts are made again from the metadata
+        if in_hub_cache:
+            config = path.parent / CONFIG_FILE
+            return read_summary(config).get("parameters") if config.is_file() else None
+        data = read_in_folder(path.parent, CONFIG_FILE, MAX_CONFIG_BYTES)
+        return parse_summary(data, path.parent / CONFIG_FILE).get("parameters") if data is not None else None
+    return None
+
+
+def describe_file(
+    path: Path, extra: dict[str, Any] | None = None, *, task: str | None = None, in_hub_cache: bool = False
+) -> dict[str, Any]:
     """What one adapter file holds, as :func:`clr_timm.describe` reports it (``kind="adapter"``).
 
     ``extra`` is merged in after the path (where it came from: repo and revision); ``task``, when given, must be the
-    task the file records.
+    task the file records; ``in_hub_cache``: ``path`` is a file of the Hub cache (its ``clr_config.json`` beside it is
+    a link there).
     """
     adapter = read_adapter(path)
     check_recorded_task(adapter, task)
-    parameters = None
-    config = Path(adapter.path).parent / CONFIG_FILE
-    if config.is_file():
-        with suppress(AdapterError):
-            parameters = read_summary(config).get("parameters")
+    parameters = _parameters_beside(Path(adapter.path), in_hub_cache)
     summary = summarize(adapter, None if parameters else _count_from_metadata(adapter))
     summary["parameters"] = parameters or summary["parameters"]
     dtypes = Counter(str(t.dtype).removeprefix("torch.") for t in adapter.tensors.values())
@@ -510,17 +673,17 @@ def describe_collection(kind: str, head: dict[str, Any], tasks: list[TaskFiles])
         **head,
         "tasks": sorted(t.task for t in tasks if t.task is not None),
         "root_adapter": any(t.task is None for t in tasks),
-        "adapters": [{"task": t.task, **t.summary, "file_size": t.file_size} for t in tasks],
+        "adapters": [{"task": t.task, **t.summary} | {"task": t.task, "file_size": t.file_size} for t in tasks],
     }
 
 
 def describe_local(path: Path, task: str | None = None) -> dict[str, Any]:
     """What a local adapter file, or a ``save_pretrained`` folder (or one of its tasks), holds."""
     _check_task_name(task)
-    if path.is_dir():
+    if os.path.isdir(path):
         if task is not None:
             return describe_file(task_file(path, task))
         return describe_collection("folder", {"path": str(path)}, local_tasks(path, validate=False))
-    if not path.exists():
+    if not os.path.exists(path):
         raise AdapterError(f"no adapter file, folder or Hub repo named {path}")
     return describe_file(path, task=task)

@@ -1,12 +1,15 @@
 """The ``clr-timm`` command: ``count`` what CLR costs on timm models, ``info`` on adapters, ``push`` / ``pull``.
 
 Every command has ``--help``. Errors print ``error: <message>`` on stderr and exit with status 2, without a traceback.
+Text that comes from files or repos (names, labels, versions, error messages quoting them) is printed with control
+characters escaped and long values cut, so an adapter cannot rewrite or flood the terminal.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import io
 import json
 import sys
 import time
@@ -16,7 +19,7 @@ from typing import Any
 
 from .config import DEPTHWISE_POLICIES, PRESETS, CLRConfig
 from .count import CURATED_MODELS, ModelCount, count_model, format_table, resolve_model_names
-from .errors import CLRError
+from .errors import CLRError, printable
 from .hub import describe, download_adapter, push_folder
 from .source import parse_source
 
@@ -110,16 +113,25 @@ def count_rows(
 def write_json(path: str | Path, rows: list[ModelCount], failed: dict[str, str] | None = None) -> None:
     """The counts as JSON: ``{"models": [...], "failed": {name: reason}}``."""
     data = {"models": [r.to_dict() for r in rows], "failed": failed or {}}
-    Path(path).write_text(json.dumps(data, indent=1) + "\n")
+    _write(path, json.dumps(data, indent=1) + "\n")
 
 
 def write_csv(path: str | Path, rows: list[ModelCount]) -> None:
     """The counts as CSV, one row per model."""
     dicts = [r.to_dict() for r in rows]
-    with open(path, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(dicts[0]) if dicts else ["model"])
-        writer.writeheader()
-        writer.writerows(dicts)
+    text = io.StringIO()
+    writer = csv.DictWriter(text, fieldnames=list(dicts[0]) if dicts else ["model"])
+    writer.writeheader()
+    writer.writerows(dicts)
+    _write(path, text.getvalue())
+
+
+def _write(path: str | Path, text: str) -> None:
+    try:
+        with open(path, "w", newline="") as f:
+            f.write(text)
+    except OSError as e:
+        raise CLRError(f"cannot write {printable(str(path))}: {e.strerror or e}") from e
 
 
 def run_count(args: argparse.Namespace) -> int:
@@ -145,6 +157,14 @@ def run_count(args: argparse.Namespace) -> int:
 
 
 # ------------------------------------------------------------------------------------------------------------ info
+
+
+_MAX_ERROR = 2000  # characters of an error message printed
+
+
+def _text(value: Any) -> str | None:
+    """A value from a file, for the terminal: escaped and cut (:func:`~clr_timm.errors.printable`); None stays None."""
+    return None if value is None else printable(str(value))
 
 
 def _int(value: Any) -> str:
@@ -173,20 +193,21 @@ def _format_adapter(info: dict[str, Any]) -> str:
     labels = info.get("label_names") or []
     more = f", ... ({len(labels)} in all)" if len(labels) > 10 else ""
     per_task = p and f"{_int(p.get('per_task'))} values ({_pct(p.get('percent_of_backbone'))} of the backbone)"
+    versions = sorted((info.get("versions") or {}).items())
     rows = [
-        ("adapter", info.get("path")),
-        ("repo", info.get("repo_id") and f"{info['repo_id']} @ {info.get('revision')}"),
-        ("base model", base.get("name") or "unknown"),
-        ("timm hub id", base.get("hf_hub_id")),
-        ("backbone fingerprint", base.get("backbone_fingerprint")),
-        ("task", info.get("task")),
+        ("adapter", _text(info.get("path"))),
+        ("repo", info.get("repo_id") and f"{info['repo_id']} @ {_text(info.get('revision'))}"),
+        ("base model", _text(base.get("name")) or "unknown"),
+        ("timm hub id", _text(base.get("hf_hub_id"))),
+        ("backbone fingerprint", _text(base.get("backbone_fingerprint"))),
+        ("task", _text(info.get("task"))),
         ("classes", info.get("num_classes")),
-        ("label names", ", ".join(labels[:10]) + more),
-        ("config", info.get("config") and json.dumps(info["config"], sort_keys=True)),
+        ("label names", ", ".join(printable(str(n), 80) for n in labels[:10]) + more),
+        ("config", info.get("config") and _text(json.dumps(info["config"], sort_keys=True))),
         ("reprogrammed convs", info.get("num_reprogrammed")),
         ("per task", per_task),
         ("format version", info.get("format_version")),
-        ("written by", ", ".join(f"{k} {v}" for k, v in sorted((info.get("versions") or {}).items()))),
+        ("written by", ", ".join(f"{printable(str(k), 40)} {printable(str(v), 40)}" for k, v in versions)),
         ("file size", f"{_int(info.get('file_size'))} bytes"),
     ]
     width = max(len(k) for k, _ in rows)
@@ -198,18 +219,21 @@ def format_description(info: dict[str, Any]) -> str:
     """:func:`clr_timm.describe`'s dict as text, for ``clr-timm info``: one adapter, or a folder's or repo's tasks."""
     if info.get("kind") == "adapter":
         return _format_adapter(info)
-    lines = [f"{info.get('kind')}: {info.get('repo_id') or info.get('path')}"]
+    lines = [f"{info.get('kind')}: {_text(info.get('repo_id') or info.get('path'))}"]
     if info.get("kind") == "repo":
-        lines.append(f"revision: {info.get('revision')} (commit {info.get('commit')}), private: {info.get('private')}")
-    tasks = info.get("tasks") or []
+        lines.append(
+            f"revision: {_text(info.get('revision'))} (commit {_text(info.get('commit'))}), "
+            f"private: {info.get('private')}"
+        )
+    tasks = [printable(t) for t in info.get("tasks") or []]
     root = "; plus a root adapter" if info.get("root_adapter") else ""
     lines.append(f"tasks: {', '.join(tasks) if tasks else '(none)'}{root}")
     for a in info.get("adapters") or []:
         p, base = a.get("parameters") or {}, (a.get("base_model") or {}).get("name")
         lines.append(
-            f"  {a.get('task') if a.get('task') is not None else '(root)'}: {a.get('num_classes', '?')} classes, "
+            f"  {_text(a.get('task')) or '(root)'}: {_int(a.get('num_classes'))} classes, "
             f"{_int(p.get('per_task'))} parameters per task ({_pct(p.get('percent_of_backbone'))} of the backbone), "
-            f"{_int(a.get('file_size'))} bytes, base model {base or 'unknown'}"
+            f"{_int(a.get('file_size'))} bytes, base model {_text(base) or 'unknown'}"
         )
     return "\n".join(lines)
 
@@ -334,7 +358,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         return args.func(args)
     except CLRError as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {printable(str(e), _MAX_ERROR)}", file=sys.stderr)
         return 2
     except BrokenPipeError:  # `clr-timm count --all | head`
         return 0

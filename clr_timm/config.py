@@ -1,19 +1,58 @@
-"""CLRConfig: what a CLR adapter reprograms, as a dataclass that round-trips through JSON."""
+"""CLRConfig: what a CLR adapter reprograms, as a dataclass that round-trips through JSON.
+
+Configs come from files written by others (an adapter's metadata, a repo's ``clr_config.json``), so reading one has
+bounded cost: at most :data:`MAX_PATTERNS` ``include`` / ``exclude`` patterns of at most :data:`MAX_PATTERN_LENGTH`
+characters each, JSON whose nesting and size are refused before it is parsed, and every failure a
+:class:`~clr_timm.ConfigError`.
+"""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from .errors import ConfigError
+from .errors import ConfigError, shown
 from .layers import layer_kinds
 
-__all__ = ["CLRConfig", "DEPTHWISE_POLICIES", "PRESETS"]
+__all__ = ["CLRConfig", "DEPTHWISE_POLICIES", "PRESETS", "MAX_PATTERNS", "MAX_PATTERN_LENGTH", "MAX_KERNEL_SIZE"]
+
+# Matching compiles each list into one regex, once; its cost grows with the wildcards in it (about 17 us per "*"), so
+# these bound the worst list, 256 patterns of 63 "*" each, to about half a second, and any plan after it to a regex
+# match per conv.
+MAX_PATTERNS = 256
+"""The most patterns ``CLRConfig.include`` or ``CLRConfig.exclude`` may hold (each list on its own)."""
+MAX_PATTERN_LENGTH = 128
+"""The most characters one ``include`` / ``exclude`` pattern may have (timm's module names are under 100)."""
+MAX_KERNEL_SIZE = 63
+"""The largest ``CLRConfig.kernel_size`` (the paper uses 3)."""
+_MAX_CONTAINERS = 16  # objects and arrays in a config's JSON: it has 3 (its object, include and exclude)
 
 DEPTHWISE_POLICIES = ("clr", "skip", "scale")
 """The built-in choices for ``CLRConfig.depthwise``; any registered layer kind is accepted too."""
+
+# A JSON string token, closed or running to the end of the text: always matches at a quote, so substituting it scans
+# the text once (an unclosed string cannot make it retry at every later quote).
+_JSON_STRING = re.compile(r'"[^"\\]*(?:\\.[^"\\]*)*(?:"|\\?\Z)', re.DOTALL)
+
+
+def json_structure(text: str, max_strings: int = 65_536) -> tuple[int, int]:
+    """(containers, separators) of a JSON text: its ``{`` and ``[``, and its ``,`` and ``:``, outside strings.
+
+    Counted in linear time at the cost of two or three copies of the text, building nothing else, so that a caller
+    can refuse a text before ``json.loads`` spends memory on it (``[],`` repeated costs 60 bytes of Python objects
+    per 3 bytes of text). Strings are told apart when there are at most ``max_strings`` of them (past that it would
+    cost an object per string); otherwise what they hold is counted too, an upper bound. Either way a text of n
+    strings has at least n - 1 separators, so a bound on separators bounds the strings as well.
+    """
+    text = text.replace("\\\\", "")  # without escaped backslashes, a quote after a backslash is an escaped one
+    if (text.count('"') - text.count('\\"')) // 2 <= max_strings:
+        text = _JSON_STRING.sub("", text)
+    return text.count("{") + text.count("["), text.count(",") + text.count(":")
+
 
 # Fields added after adapter format version 1 are written only when they differ from their default, so that the
 # files (and clr_config.json) of every config that format 1 could express stay exactly as they were.
@@ -47,10 +86,13 @@ class CLRConfig:
     """Which parts of a frozen timm model a task's adapter owns.
 
     Attributes:
-        kernel_size: Size k of the depthwise k x k reprogramming kernel inserted after each targeted conv (odd).
+        kernel_size: Size k of the depthwise k x k reprogramming kernel inserted after each targeted conv (odd, at
+            most :data:`MAX_KERNEL_SIZE`).
         include: fnmatch patterns on module names (``"layer3.*"``); when given, only convs matching one are
-            reprogrammed. ``None`` targets every conv whose kernel is larger than 1x1.
-        exclude: fnmatch patterns on module names of convs never to reprogram (applied after ``include``).
+            reprogrammed. ``None`` targets every conv whose kernel is larger than 1x1. At most :data:`MAX_PATTERNS`
+            patterns of at most :data:`MAX_PATTERN_LENGTH` characters.
+        exclude: fnmatch patterns on module names of convs never to reprogram (applied after ``include``); the same
+            limits.
         layer: The kind of reprogramming layer after every other conv with a kernel larger than 1x1: ``"clr"`` (the
             paper's depthwise k x k kernel), ``"gated"``, ``"parallel"``, ``"scale"``, or any kind registered with
             :func:`clr_timm.register_layer`.
@@ -80,34 +122,42 @@ class CLRConfig:
     pointwise: str = "skip"
 
     def __post_init__(self) -> None:
-        if isinstance(self.include, str):
-            self.include = [self.include]
-        if isinstance(self.exclude, str):
-            self.exclude = [self.exclude]
         if self.include is not None:
-            self.include = list(self.include)
-        self.exclude = list(self.exclude)
+            self.include = _pattern_list(self.include, "include")
+        self.exclude = _pattern_list(self.exclude, "exclude")
         self.validate()
 
     def validate(self) -> None:
         """Raise :class:`~clr_timm.ConfigError` naming the first invalid field."""
         k = self.kernel_size
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1 or k % 2 == 0:
-            raise ConfigError(f"CLRConfig.kernel_size must be an odd positive int (e.g. 3), got {k!r}")
+        if isinstance(k, bool) or not isinstance(k, int) or not 1 <= k <= MAX_KERNEL_SIZE or k % 2 == 0:
+            raise ConfigError(
+                f"CLRConfig.kernel_size must be an odd positive int of at most {MAX_KERNEL_SIZE} (e.g. 3), got "
+                f"{shown(k, 60)}"
+            )
         kinds = layer_kinds()
-        if not isinstance(self.depthwise, str) or (self.depthwise != "skip" and self.depthwise not in kinds):
-            raise ConfigError(f"CLRConfig.depthwise must be 'skip' or a layer kind {kinds}, got {self.depthwise!r}")
-        if not isinstance(self.layer, str) or self.layer not in kinds:
-            raise ConfigError(f"CLRConfig.layer must be a registered layer kind {kinds}, got {self.layer!r}")
-        if not isinstance(self.pointwise, str) or (self.pointwise != "skip" and self.pointwise not in kinds):
-            raise ConfigError(f"CLRConfig.pointwise must be 'skip' or a layer kind {kinds}, got {self.pointwise!r}")
+        for name in ("depthwise", "layer", "pointwise"):
+            value = getattr(self, name)
+            if not isinstance(value, str) or value not in (kinds if name == "layer" else ("skip", *kinds)):
+                allowed = "a registered layer kind" if name == "layer" else "'skip' or a layer kind"
+                raise ConfigError(f"CLRConfig.{name} must be {allowed} {kinds}, got {shown(value)}")
         for name in ("include", "exclude"):
             patterns = getattr(self, name)
-            if patterns is not None and not all(isinstance(p, str) for p in patterns):
-                raise ConfigError(f"CLRConfig.{name} must be a list of fnmatch pattern strings, got {patterns!r}")
+            if patterns is None:
+                continue
+            if not isinstance(patterns, list) or not all(isinstance(p, str) for p in patterns):
+                raise ConfigError(f"CLRConfig.{name} must be a list of fnmatch pattern strings, got {shown(patterns)}")
+            if len(patterns) > MAX_PATTERNS:
+                raise ConfigError(f"CLRConfig.{name} has {len(patterns)} patterns; at most {MAX_PATTERNS} are allowed")
+            longest = max(patterns, key=len, default="")
+            if len(longest) > MAX_PATTERN_LENGTH:
+                raise ConfigError(
+                    f"CLRConfig.{name} has a pattern of {len(longest)} characters ({shown(longest, 60)}); at most "
+                    f"{MAX_PATTERN_LENGTH} are allowed"
+                )
         for name in ("train_norms", "update_norm_stats", "train_head"):
             if not isinstance(getattr(self, name), bool):
-                raise ConfigError(f"CLRConfig.{name} must be a bool, got {getattr(self, name)!r}")
+                raise ConfigError(f"CLRConfig.{name} must be a bool, got {shown(getattr(self, name))}")
 
     @classmethod
     def preset(cls, name: str, **overrides: Any) -> CLRConfig:
@@ -120,7 +170,7 @@ class CLRConfig:
         the model computing exactly what it did at attach; the README's variants table says what each one is.
         """
         if not isinstance(name, str) or name not in PRESETS:
-            raise ConfigError(f"unknown CLR preset {name!r}; presets: {sorted(PRESETS)}")
+            raise ConfigError(f"unknown CLR preset {shown(name)}; presets: {sorted(PRESETS)}")
         return cls.from_dict({**PRESETS[name], **overrides})
 
     def preset_name(self) -> str | None:
@@ -138,24 +188,55 @@ class CLRConfig:
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> CLRConfig:
         """Build a config from a dict, refusing unknown fields (a typo must not silently change the method)."""
-        if not isinstance(data, dict):
+        if not isinstance(data, Mapping):
             raise ConfigError(f"a CLRConfig must be a JSON object, got {type(data).__name__}")
         known = {f.name for f in dataclasses.fields(cls)}
-        unknown = sorted(set(data) - known)
+        unknown = sorted(shown(k, 60) for k in data if k not in known)
         if unknown:
-            raise ConfigError(f"unknown CLRConfig field(s) {unknown}; known fields are {sorted(known)}")
+            raise ConfigError(f"unknown CLRConfig field(s) {', '.join(unknown[:5])}; known fields are {sorted(known)}")
         try:
             return cls(**data)
-        except TypeError as e:
-            raise ConfigError(f"invalid CLRConfig {data!r}: {e}") from e
+        except TypeError as e:  # a field missing from the dataclass's signature, or a key that is not a string
+            raise ConfigError(f"invalid CLRConfig {shown(data)}: {shown(str(e))}") from e
 
     def to_json(self, **kwargs: Any) -> str:
         return json.dumps(self.to_dict(), sort_keys=True, **kwargs)
 
     @classmethod
     def from_json(cls, text: str) -> CLRConfig:
+        """The config a JSON object describes; anything else, however nested or large, raises ConfigError."""
+        if isinstance(text, (bytes, bytearray)):
+            try:
+                text = text.decode("utf-8")
+            except UnicodeDecodeError as e:
+                raise ConfigError(f"CLRConfig JSON is not UTF-8 text: {e}") from e
+        if not isinstance(text, str):
+            raise ConfigError(f"CLRConfig JSON must be a string, got {type(text).__name__}")
+        # Refuse what no config can be before parsing it: one object holding two lists of patterns, and a few scalars.
+        most = 2 * MAX_PATTERNS + 4 * _MAX_CONTAINERS
+        containers, separators = json_structure(text, most)
+        if containers > _MAX_CONTAINERS or separators > most:
+            raise ConfigError(
+                f"CLRConfig JSON has {containers} objects or arrays and {separators} separators, more than any "
+                f"CLRConfig has (at most {MAX_PATTERNS} patterns in each of include and exclude)"
+            )
         try:
             data = json.loads(text)
-        except (TypeError, ValueError, RecursionError) as e:
-            raise ConfigError(f"CLRConfig JSON does not parse: {e}") from e
+        except (ValueError, RecursionError) as e:
+            raise ConfigError(f"CLRConfig JSON does not parse: {shown(str(e))}") from e
         return cls.from_dict(data)
+
+
+def _pattern_list(patterns: Any, name: str) -> list:
+    """``include`` / ``exclude`` as a list: one pattern stands for a list of it; a mapping or a scalar is refused."""
+    if isinstance(patterns, str):
+        return [patterns]
+    if isinstance(patterns, (list, tuple)):
+        return list(patterns)
+    if isinstance(patterns, (Mapping, bytes, bytearray)) or not hasattr(patterns, "__iter__"):
+        raise ConfigError(f"CLRConfig.{name} must be a list of fnmatch pattern strings, got {shown(patterns)}")
+    # Any other iterable (a set, a generator) is taken one past the limit at most: an endless one is refused too.
+    listed = [p for _, p in zip(range(MAX_PATTERNS + 1), patterns)]
+    if len(listed) > MAX_PATTERNS:
+        raise ConfigError(f"CLRConfig.{name} has more than {MAX_PATTERNS} patterns; at most {MAX_PATTERNS} are allowed")
+    return listed

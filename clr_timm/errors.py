@@ -4,6 +4,10 @@ Every error the library raises derives from :class:`CLRError`, so ``except clr_t
 Problems with an adapter (its file, keys, shapes, metadata or base model) raise :class:`AdapterError` or one of its
 subclasses; problems pushing to or pulling from the Hugging Face Hub raise :class:`HubError` (an :class:`AdapterError`)
 or one of its subclasses.
+
+Values that come from files, repos or users reach messages through :func:`shown` (and the terminal or a model card
+through :func:`printable`): cut to a bounded length, with control characters escaped, so a hostile name can neither
+flood stderr nor rewrite the screen.
 """
 
 __all__ = [
@@ -18,7 +22,32 @@ __all__ = [
     "HubRevisionNotFoundError",
     "TaskNotFoundError",
     "HubOfflineError",
+    "shown",
+    "printable",
 ]
+
+MAX_SHOWN = 200
+"""How many characters of a value a message quotes."""
+
+
+def shown(value: object, limit: int = MAX_SHOWN) -> str:
+    """``repr(value)`` cut to ``limit`` characters: how a message quotes a name or value it did not choose."""
+    try:
+        text = repr(value)
+    except Exception:  # nested deeper than repr recurses (RecursionError), or a repr that fails
+        return f"<a {type(value).__name__} that cannot be shown>"
+    return text if len(text) <= limit else f"{text[:limit]}... (cut, {len(text)} characters)"
+
+
+def printable(text: str, limit: int = MAX_SHOWN) -> str:
+    """``text`` for a terminal or a card: every non-printable character escaped as ``repr`` writes it, cut to ``limit``.
+
+    Printable text, including quotes and non-ASCII letters, is kept as it is.
+    """
+    escaped = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[:limit])
+    if len(text) <= limit and len(escaped) <= limit:
+        return escaped
+    return f"{escaped[:limit]}... (cut, {len(text)} characters)"
 
 
 class CLRError(Exception):

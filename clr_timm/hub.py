@@ -24,6 +24,8 @@ from .card import (
     CARD_FILE,
     CONFIG_FILE,
     LIBRARY_NAME,
+    MAX_CARD_BYTES,
+    MAX_CONFIG_BYTES,
     TaskFiles,
     check_one_backbone,
     describe_collection,
@@ -31,6 +33,7 @@ from .card import (
     describe_local,
     dump_summary,
     local_tasks,
+    read_card,
     read_summary,
     render_card,
     task_label,
@@ -44,6 +47,8 @@ from .errors import (
     HubRepoNotFoundError,
     HubRevisionNotFoundError,
     TaskNotFoundError,
+    printable,
+    shown,
 )
 from .source import parse_repo_id, parse_source
 from .version import __version__
@@ -66,6 +71,7 @@ __all__ = [
 ]
 
 _COMMIT_OID = re.compile(r"[0-9a-f]{40}")
+_LIST = 1000  # characters of a list of names (tasks, branches) that a message quotes
 
 
 # ------------------------------------------------------------------------------------------- the Hub's errors
@@ -112,7 +118,8 @@ def _refs_hint(api: HfApi, repo_id: str) -> str:
         refs = api.list_repo_refs(repo_id)
     except Exception:  # only a hint for an error message that is already on its way
         return ""
-    return f" (branches: {sorted(b.name for b in refs.branches)}, tags: {sorted(t.name for t in refs.tags)})"
+    branches, tags = sorted(b.name for b in refs.branches), sorted(t.name for t in refs.tags)
+    return f" (branches: {shown(branches, _LIST)}, tags: {shown(tags, _LIST)})"
 
 
 @contextmanager
@@ -123,6 +130,7 @@ def _hub_errors(
     from huggingface_hub.errors import (
         GatedRepoError,
         HfHubHTTPError,
+        HFValidationError,
         LocalEntryNotFoundError,
         OfflineModeIsEnabled,
         RepositoryNotFoundError,
@@ -153,19 +161,29 @@ def _hub_errors(
         raise HubOfflineError(f"cannot reach the Hub for {repo_id}{_at(revision)}: {_offline_reason(error=e)}") from e
     except HfHubHTTPError as e:
         raise _http_error(e, repo_id, revision, token, write) from e
+    except HFValidationError as e:  # an argument the client refuses that the checks here let through
+        raise HubError(f"huggingface_hub refused a request for {repo_id}{_at(revision)}: {_first_line(e)}") from e
     except Exception as e:
         if isinstance(e, _network_errors()):
             hint = _TIMEOUT_HINT if "Timeout" in type(e).__name__ else ""
+            raise HubError(f"cannot reach the Hub at {_endpoint()} for {repo_id}: {_first_line(e)}{hint}") from e
+        if isinstance(e, OSError):  # a download cut short or longer than announced, a cache that cannot be written
             raise HubError(
-                f"cannot reach the Hub at {_endpoint()} for {repo_id}: {str(e) or type(e).__name__}{hint}"
+                f"a file of {repo_id}{_at(revision)} could not be downloaded: {_first_line(e)}. Try again (with "
+                "force_download=True if it persists), or check that the Hub cache can be written"
             ) from e
         raise
+
+
+def _first_line(e: BaseException) -> str:
+    """The first line of an exception's message (the client adds advice below it), for a message of our own."""
+    return printable((str(e).strip().splitlines() or [type(e).__name__])[0])
 
 
 def _http_error(e: Exception, repo_id: str, revision: str | None, token: str | bool | None, write: bool) -> HubError:
     """The :class:`HubError` for an HTTP error answer of the Hub (an ``HfHubHTTPError``)."""
     status = getattr(getattr(e, "response", None), "status_code", None)
-    server = getattr(e, "server_message", None) or str(e).splitlines()[0]
+    server = printable(getattr(e, "server_message", None) or _first_line(e))
     if status == 401 and not _has_token(token):
         return HubAuthError(_needs_token(repo_id, write))
     if status == 401:
@@ -232,7 +250,16 @@ def _offline_reason(local_files_only: bool = False, error: BaseException | None 
 def _tasks_in(paths: list[str]) -> tuple[list[str], bool]:
     """Named tasks, and whether there is an adapter at the root, among repo-relative file paths."""
     tasks = sorted({p.split("/")[0] for p in paths if p.count("/") == 1 and p.endswith(f"/{ADAPTER_FILE}")})
-    return tasks, ADAPTER_FILE in paths
+    return [t for t in tasks if _is_task_name(t)], ADAPTER_FILE in paths
+
+
+def _is_task_name(name: str) -> bool:
+    """Whether a repo's folder name is a task name (a folder named otherwise is no task: it cannot be loaded)."""
+    try:
+        _check_task_name(name)
+    except CLRError:
+        return False
+    return True
 
 
 def _cached_tasks(repo_id: str, revision: str | None, cache_dir: str | os.PathLike | None) -> list[str | None] | None:
@@ -286,7 +313,7 @@ def push_folder(
         huggingface_hub's ``CommitInfo`` (``commit_url``, ``oid``, ``pr_url`` for a pull request).
     """
     folder = Path(folder)
-    if not folder.is_dir():
+    if not os.path.isdir(folder):
         raise AdapterError(f"{folder} is not a folder; give the folder written by clr_timm.save_pretrained")
     local = local_tasks(folder)
     if not local:
@@ -295,11 +322,10 @@ def push_folder(
             "(write them with clr_timm.save_pretrained)"
         )
     check_one_backbone(str(folder), local)
-    card = folder / CARD_FILE
     return push_tasks(
         local,
         repo_id,
-        card=card.read_text(encoding="utf-8") if card.is_file() else None,
+        card=read_card(folder),
         revision=revision,
         private=private,
         token=token,
@@ -338,7 +364,7 @@ def push_tasks(
         remote = _remote_tasks(api, repo_id, info.sha, sizes, skip={t.task for t in local})
         check_one_backbone(f"{repo_id}{_at(revision)}", remote + local)
         if CARD_FILE in sizes:
-            card = Path(api.hf_hub_download(repo_id, CARD_FILE, revision=info.sha)).read_text(encoding="utf-8")
+            card = _remote_card(api, repo_id, info.sha, sizes[CARD_FILE])
         card = render_card(card, repo_id, repo_id.split("/")[-1], remote + local, license)
         return api.create_commit(
             repo_id,
@@ -351,15 +377,28 @@ def push_tasks(
         )
 
 
+def _remote_card(api: HfApi, repo_id: str, commit: str, size: int | None) -> str:
+    """The repo's README.md at ``commit``, as text."""
+    if size is not None and size > MAX_CARD_BYTES:
+        raise HubError(f"the {CARD_FILE} of {repo_id} has {size:,} bytes, more than the {MAX_CARD_BYTES:,} read here")
+    data = Path(api.hf_hub_download(repo_id, CARD_FILE, revision=commit)).read_bytes()
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as e:
+        raise HubError(f"the {CARD_FILE} of {repo_id} is not UTF-8 text ({e}): fix it on the Hub, push again") from e
+
+
 def _operations(card: str, local: list[TaskFiles]) -> list[Any]:
-    """The commit: the card, and each local task's adapter and clr_config.json."""
+    """The commit: the card, and each local task's adapter and clr_config.json, as the bytes that were checked."""
     from huggingface_hub import CommitOperationAdd
 
     operations = [CommitOperationAdd(CARD_FILE, card.encode("utf-8"))]
     for t in local:
+        if t.adapter is None:
+            raise CLRError(f"{task_label(t.task)} was not read to be uploaded: use local_tasks(folder)")
         prefix = f"{t.task}/" if t.task is not None else ""
-        config = t.config.read_bytes() if t.config is not None else dump_summary(t.summary).encode("utf-8")
-        operations.append(CommitOperationAdd(prefix + ADAPTER_FILE, str(t.adapter)))
+        config = t.config if t.config is not None else dump_summary(t.summary).encode("utf-8")
+        operations.append(CommitOperationAdd(prefix + ADAPTER_FILE, t.adapter))
         operations.append(CommitOperationAdd(prefix + CONFIG_FILE, config))
     return operations
 
@@ -410,7 +449,7 @@ def _remote_task(
 
     prefix = f"{task}/" if task is not None else ""
     summary: dict[str, Any] = {}
-    if prefix + CONFIG_FILE in sizes:
+    if prefix + CONFIG_FILE in sizes and (sizes[prefix + CONFIG_FILE] or 0) <= MAX_CONFIG_BYTES:
         with suppress(EntryNotFoundError, AdapterError):  # a config someone broke by hand: its row shows '?'
             path = api.hf_hub_download(repo_id, prefix + CONFIG_FILE, revision=commit, cache_dir=cache_dir)
             summary = read_summary(Path(path))
@@ -520,7 +559,7 @@ def _not_cached(
     hint = ""
     if cached is not None:
         names = [x if x is not None else "(root)" for x in cached]
-        hint = f" Tasks of this repo{_at(revision)} in the cache: {names}."
+        hint = f" Tasks of this repo{_at(revision)} in the cache: {shown(names, _LIST)}."
     return HubOfflineError(
         f"{task_label(task)} of {repo_id}{_at(revision)} is not in the local cache and {reason}: download it once "
         f"with the Hub reachable (e.g. `clr-timm pull {repo_id}{f' --task {shlex.quote(task)}' if task else ''}`), "
@@ -531,7 +570,7 @@ def _not_cached(
 def _task_not_found(api: HfApi, repo_id: str, task: str | None, revision: str | None) -> TaskNotFoundError:
     try:
         names, root = _tasks_in(api.list_repo_files(repo_id, revision=revision))
-        there = f"tasks there: {names}" + (" and an adapter at the repo root (task=None)" if root else "")
+        there = f"tasks there: {shown(names, _LIST)}" + (" and an adapter at the repo root (task=None)" if root else "")
     except Exception:  # only a hint for an error message that is already on its way
         there = "its tasks could not be listed"
     missing = f"no task {task!r}" if task is not None else "no adapter at its root (task=None); pass task=..."
@@ -564,7 +603,7 @@ def describe(source: str | os.PathLike, task: str | None = None, **hub_kwargs: A
     repo_id, revision = src.repo_id, src.revision
     if task is not None:
         path = download_adapter(repo_id, task, revision=revision, **hub_kwargs)
-        return describe_file(path, {"repo_id": repo_id, "revision": revision or "main"})
+        return describe_file(path, {"repo_id": repo_id, "revision": revision or "main"}, in_hub_cache=True)
     unknown = sorted(set(hub_kwargs) - {"token", "cache_dir", "local_files_only"})
     if unknown:
         raise CLRError(f"describe() got unexpected Hub argument(s) {unknown}")

@@ -24,7 +24,7 @@ from torch import nn
 
 from .adapter import AdapterFile, _check_task_name, apply_adapter, extract_adapter, read_adapter, write_adapter
 from .attach import _refuse_fused, _state
-from .card import TaskFiles, model_license, write_local_card, write_task_folder
+from .card import TaskFiles, local_tasks, model_license, write_local_card, write_task_folder
 from .count import count_parameters
 from .hub import download_adapter, push_tasks
 from .source import check_recorded_task, parse_source, task_file
@@ -114,9 +114,9 @@ def save_pretrained(
     Returns:
         The task's folder.
     """
-    files = _save_task(model, Path(folder), task, dtype, label_names, overwrite)
+    _save_task(model, Path(folder), task, dtype, label_names, overwrite)
     write_local_card(Path(folder))
-    return files.adapter.parent
+    return Path(folder) / task if task is not None else Path(folder)
 
 
 def push_to_hub(
@@ -159,9 +159,9 @@ def push_to_hub(
     """
     _check_task_name(task)
     with tempfile.TemporaryDirectory(prefix="clr_timm-push-") as tmp:
-        files = _save_task(model, Path(tmp), task, dtype, label_names)  # no card here: the repo's own is updated
+        _save_task(model, Path(tmp), task, dtype, label_names)  # no card here: the repo's own is updated
         return push_tasks(
-            [files],
+            local_tasks(Path(tmp)),  # the files as written, read back once: what is uploaded is what was checked
             repo_id,
             revision=revision,
             private=private,
@@ -173,23 +173,31 @@ def push_to_hub(
         )
 
 
-def read_source(source: str | os.PathLike, *, task: str | None = None, **hub_kwargs: Any) -> AdapterFile:
-    """Read (downloading if needed) and check the adapter file of ``task`` in ``source``; no model involved.
+def read_source(
+    source: str | os.PathLike,
+    *,
+    task: str | None = None,
+    model: nn.Module | None = None,
+    **hub_kwargs: Any,
+) -> AdapterFile:
+    """Read (downloading if needed) and check the adapter file of ``task`` in ``source``.
 
     Args:
         source: An adapter file, a ``save_pretrained`` folder, or ``"hf-hub:org/name[@rev]"``.
         task: The task's name: its subfolder in a folder or repo (None: the root); for a file, the task it must
             record (None: any).
+        model: The model the adapter is for: the file is checked against it before any tensor is read (see
+            :func:`~clr_timm.read_adapter`); None reads the file on its own.
         **hub_kwargs: ``revision``, ``token``, ``cache_dir``, ``local_files_only`` for Hub sources.
     """
     _check_task_name(task)
     src = parse_source(source, hub_kwargs)
     if src.kind == "hub":
         hub_kwargs = {k: v for k, v in hub_kwargs.items() if k != "revision"}
-        return read_adapter(download_adapter(src.repo_id, task, revision=src.revision, **hub_kwargs))
+        return read_adapter(download_adapter(src.repo_id, task, revision=src.revision, **hub_kwargs), model=model)
     if src.kind == "folder":
-        return read_adapter(task_file(src.path, task))
-    adapter = read_adapter(src.path)
+        return read_adapter(task_file(src.path, task), model=model)
+    adapter = read_adapter(src.path, model=model)
     check_recorded_task(adapter, task)
     return adapter
 
@@ -217,4 +225,5 @@ def load_adapter(
         The model, which records the adapter's task and label names. On any error it is left exactly as it was.
     """
     _refuse_fused(model, "loading an adapter into it")
-    return apply_adapter(model, read_source(source, task=task, **hub_kwargs), check_backbone=check_backbone)
+    adapter = read_source(source, task=task, model=model, **hub_kwargs)  # checked against the model before reading
+    return apply_adapter(model, adapter, check_backbone=check_backbone)

@@ -139,8 +139,10 @@ class Fault:
 
     Every matching rule that is not exhausted applies, in list order: it sleeps ``delay`` seconds, runs ``action``
     (e.g. delete a file on the server), then, when ``status`` is set, answers that status instead of handling the
-    request, or, when ``drop`` is set, closes the connection without answering. ``hits`` counts the requests it
-    intercepted; after ``times`` hits (``None``: never) it stops applying. The request body is always read first.
+    request, or, when ``drop`` is set, closes the connection without answering; ``body`` rewrites the body of the
+    answer the server gives (its ``Content-Length`` follows: a file served shorter or longer than its metadata said).
+    ``hits`` counts the requests it intercepted; after ``times`` hits (``None``: never) it stops applying. The request
+    body is always read first.
     """
 
     pattern: str
@@ -153,6 +155,7 @@ class Fault:
     drop: bool = False
     action: Callable[[], object] | None = None
     hits: int = 0
+    body: Callable[[bytes], bytes] | None = None
 
     @property
     def exhausted(self) -> bool:
@@ -352,9 +355,10 @@ class HubServer:
         delay: float = 0.0,
         drop: bool = False,
         action: Callable[[], object] | None = None,
+        body: Callable[[bytes], bytes] | None = None,
     ) -> Fault:
         """Append a :class:`Fault` rule to :attr:`faults` and return it (its ``hits`` count can be checked later)."""
-        fault = Fault(pattern, method, times, status, delay, drop, action)
+        fault = Fault(pattern, method, times, status, delay, drop, action, body=body)
         with self._lock:
             self.faults.append(fault)
         return fault
@@ -376,6 +380,12 @@ class HubServer:
     ) -> Fault:
         """Run ``action`` just before handling the next ``times`` requests matching ``pattern``."""
         return self.add_fault(pattern, method=method, times=times, action=action)
+
+    def rewrite(
+        self, pattern: str, body: Callable[[bytes], bytes], *, times: int | None = 1, method: str | None = None
+    ) -> Fault:
+        """Serve ``body(content)`` instead of the content to the next ``times`` requests matching ``pattern``."""
+        return self.add_fault(pattern, method=method, times=times, body=body)
 
     def clear_faults(self) -> None:
         """Remove every fault rule."""
@@ -452,10 +462,13 @@ class HubServer:
         user: str | None = None
         response: _Response | None = None
         dropped = False
+        rewrites: list[Callable[[bytes], bytes]] = []
         try:
-            dropped, response = self._apply_faults(method, path)
+            dropped, response, rewrites = self._apply_faults(method, path)
             if not dropped and response is None:
                 user, response = self._route(method, split.path, split.query, headers, body)
+            for rewrite in rewrites:
+                response.body = rewrite(response.body)
         except _HubError as error:
             response = error.to_response()
         except Exception:  # any bug must reach the client as a 500, and the test through `errors`
@@ -467,8 +480,8 @@ class HubServer:
             self.requests.append(RecordedRequest(method, path, split.query, response.status if response else 0, user))
         return response
 
-    def _apply_faults(self, method: str, path: str) -> tuple[bool, _Response | None]:
-        """Run the matching fault rules; returns (drop the connection, injected answer)."""
+    def _apply_faults(self, method: str, path: str) -> tuple[bool, _Response | None, list[Callable[[bytes], bytes]]]:
+        """Run the matching fault rules; returns (drop the connection, injected answer, rewrites of the answer)."""
         with self._lock:
             matching = [fault for fault in self.faults if fault.matches(method, path)]
             for fault in matching:
@@ -479,10 +492,10 @@ class HubServer:
             if fault.action is not None:
                 fault.action()
             if fault.drop:
-                return True, None
+                return True, None, []
             if fault.status is not None:
-                return False, _HubError(fault.status, f"Injected fault: HTTP {fault.status}").to_response()
-        return False, None
+                return False, _HubError(fault.status, f"Injected fault: HTTP {fault.status}").to_response(), []
+        return False, None, [fault.body for fault in matching if fault.body is not None]
 
     def _authenticate(self, headers: Message) -> str | None:
         authorization = headers.get("Authorization") or ""

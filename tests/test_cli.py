@@ -117,3 +117,23 @@ def test_the_module_runs_as_a_command():
     )
     assert result.returncode == 0, result.stderr
     assert RESNET50_ROW in result.stdout
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["count", "resnet18", "--json", "/no-such-folder/counts.json"],
+        ["count", "resnet18", "--csv", "/no-such-folder/counts.csv"],
+        ["info", "/tmp/" + "x" * 300],
+        ["info", "x" * 300],
+        ["push", "/tmp/" + "x" * 300, "org/name"],
+        ["push", "/no-such-folder", "org//name"],
+        ["pull", "org/name", "--revision", "../../outside"],
+        ["pull", "org/name", "--task", "a" * 256],
+    ],
+    ids=["json", "csv", "long-path", "long-name", "push-long-path", "push-bad-repo", "revision", "task"],
+)
+def test_bad_input_on_the_command_line_is_an_error_without_a_traceback(argv, capsys):
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: ") and "Traceback" not in err and len(err) < 1000

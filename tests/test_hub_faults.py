@@ -274,3 +274,16 @@ def test_a_multitask_model_is_not_built_when_a_listed_task_disappears(faults, ow
         clr_timm.MultiTaskModel.from_pretrained(model, own_repo.source, cache_dir=cache)
     assert not clr_timm.is_attached(model)
     assert _assert_cache_consistent(faults, cache) == [f"flowers/{ADAPTER_FILE}"]
+
+
+# ---------------------------------------------------------------------------------- files that are not what they said
+
+
+@pytest.mark.parametrize("served", [lambda b: b[:-100], lambda b: b + b"\0" * 100], ids=["shorter", "longer"])
+def test_a_file_served_with_another_size_than_announced_raises_a_hub_error(faults, repo, cache, sleeps, served):
+    fault = faults.rewrite(RESOLVE.format(task="pets"), served, times=None, method="GET")
+    _assert_refused(clr_timm.HubError, r"could not be downloaded: Consistency check failed", repo, "pets", cache)
+    assert fault.hits >= 1
+    assert _assert_cache_consistent(faults, cache) == []
+    faults.clear_faults()
+    _assert_loads_as_pushed(repo, "pets", cache)
