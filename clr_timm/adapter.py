@@ -45,8 +45,6 @@ from .attach import (
     CLRPlan,
     _adapter_tensors,
     _named_tensors,
-    _refuse_fused,
-    _state,
     attach,
     current_plan,
     get_config,
@@ -57,7 +55,7 @@ from .attach import (
 )
 from .config import CLRConfig, json_structure
 from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError, shown
-from .state import find_state
+from .state import find_state, get_state, refuse_fused
 from .version import __version__
 
 __all__ = [
@@ -241,7 +239,7 @@ def extract_adapter(
         dtype: Storage dtype of the floating tensors: None keeps the model's, ``"fp16"`` / ``"bf16"`` halve the file.
         label_names: Class names to record.
     """
-    state = _state(model)
+    state = get_state(model)
     _check_task_name(task)
     storage = _storage_dtype(dtype)
     tensors = {k: t for k, t, _ in _adapter_tensors(model, current_plan(model))}
@@ -940,7 +938,7 @@ def _copy_in(model: nn.Module, adapter: AdapterFile, tensors: dict[str, torch.Te
     with torch.no_grad():
         for k, v in adapter.tensors.items():
             tensors[k].copy_(v)
-    state = _state(model)
+    state = get_state(model)
     state.task, state.label_names = adapter.task, adapter.label_names
 
 
@@ -951,7 +949,7 @@ def apply_adapter(model: nn.Module, adapter: AdapterFile, *, check_backbone: boo
     first; on any error, then or while copying, the model is left exactly as it was: the same module and parameter
     objects (an optimizer over them keeps training them), ``requires_grad`` flags, hooks, training modes and values.
     """
-    _refuse_fused(model, "loading an adapter into it")
+    refuse_fused(model, "loading an adapter into it")
     was_attached = is_attached(model)
     tensors = _named_tensors(model)  # one walk, shared by the fingerprint, the backup and the copy
     validate_adapter(model, adapter, check_backbone=check_backbone, tensors=tensors)

@@ -290,14 +290,6 @@ def _adapter_tensors(model: nn.Module, plan: CLRPlan) -> Iterator[tuple[str, tor
                 yield _key(name, bn), b, "head"
 
 
-def _state(model: nn.Module) -> CLRState:
-    return get_state(model)
-
-
-def _refuse_fused(model: nn.Module, action: str) -> None:
-    refuse_fused(model, action)
-
-
 def is_attached(model: nn.Module) -> bool:
     """Whether :func:`attach` has been applied to ``model`` (and not undone by :func:`detach`)."""
     return find_state(model) is not None
@@ -305,12 +297,12 @@ def is_attached(model: nn.Module) -> bool:
 
 def get_config(model: nn.Module) -> CLRConfig:
     """The :class:`CLRConfig` a model was attached with."""
-    return _state(model).config
+    return get_state(model).config
 
 
 def current_plan(model: nn.Module) -> CLRPlan:
     """The plan of an attached model (its head may have been resized since attach)."""
-    return plan_targets(model, _state(model).config)
+    return plan_targets(model, get_state(model).config)
 
 
 def adapter_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
@@ -432,8 +424,8 @@ def reset_adapter(model: nn.Module, num_classes: int | None = None) -> nn.Module
         model: An attached model.
         num_classes: When given, a freshly initialised head for this many classes.
     """
-    state = _state(model)
-    _refuse_fused(model, "resetting its adapter")
+    state = get_state(model)
+    refuse_fused(model, "resetting its adapter")
     _restore_base(model, state)
     for layer in model.modules():
         if isinstance(layer, ReprogrammingLayer):
@@ -450,7 +442,7 @@ def detach(model: nn.Module) -> nn.Module:
     The adapter's norm and head values are restored to the originals too: save the adapter first to keep it. Every
     mode the model is in (fused, memory-efficient) is left first.
     """
-    state = _state(model)
+    state = get_state(model)
     state.teardown(model)
     modules = dict(model.named_modules())
     for name in state.targets:

@@ -156,7 +156,36 @@ def layer_kinds() -> list[str]:
     return sorted(_REGISTRY)
 
 
-class CLRConv2d(ReprogrammingLayer):
+class _DepthwiseKernel(ReprogrammingLayer):
+    """What the depthwise k x k kinds share: their kernel, 'same' padding, and their fold into one depthwise conv."""
+
+    def __init__(
+        self,
+        channels: int,
+        kernel_size: int = 3,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> None:
+        super().__init__()
+        if kernel_size < 1 or kernel_size % 2 == 0:
+            raise ConfigError(f"kernel_size must be odd and positive, got {kernel_size}")
+        self.channels = channels
+        self.kernel_size = kernel_size
+        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size, device=device, dtype=dtype))
+
+    @classmethod
+    def from_conv(cls, conv: nn.Module, config: Any) -> _DepthwiseKernel:
+        w = conv.weight
+        return cls(int(conv.out_channels), config.kernel_size, device=w.device, dtype=w.dtype)
+
+    def compute_folded(self, x: torch.Tensor, folded: dict[str, torch.Tensor]) -> torch.Tensor:
+        return F.conv2d(x, folded["weight"], folded["bias"], 1, self.kernel_size // 2, 1, self.channels)
+
+    def extra_repr(self) -> str:
+        return f"{self.channels}, kernel_size={self.kernel_size}"
+
+
+class CLRConv2d(_DepthwiseKernel):
     """Depthwise k x k reprogramming conv, identity at initialisation.
 
     Args:
@@ -173,18 +202,8 @@ class CLRConv2d(ReprogrammingLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size must be odd and positive, got {kernel_size}")
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size, device=device, dtype=dtype))
+        super().__init__(channels, kernel_size, device, dtype)
         self.reset_parameters()
-
-    @classmethod
-    def from_conv(cls, conv: nn.Module, config: Any) -> CLRConv2d:
-        w = conv.weight
-        return cls(int(conv.out_channels), config.kernel_size, device=w.device, dtype=w.dtype)
 
     @classmethod
     def tensor_shapes(cls, target: Any, config: Any) -> dict[str, tuple[int, ...]]:
@@ -209,15 +228,9 @@ class CLRConv2d(ReprogrammingLayer):
     def fold_norm(self, scale: torch.Tensor, shift: torch.Tensor) -> dict[str, torch.Tensor]:
         return {"weight": self.weight * scale.reshape(-1, 1, 1, 1), "bias": shift.to(self.weight.dtype)}
 
-    def compute_folded(self, x: torch.Tensor, folded: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.conv2d(x, folded["weight"], folded["bias"], 1, self.kernel_size // 2, 1, self.channels)
-
     # fold_into_conv: a dense k x k conv followed by a depthwise one is a (k + 2) x (k + 2) conv, more work, not less;
     # two 'same'-padded depthwise convs compose into a larger one everywhere except on the one-pixel border, where the
     # zero padding of the intermediate map differs. So neither is folded (the base class's None).
-
-    def extra_repr(self) -> str:
-        return f"{self.channels}, kernel_size={self.kernel_size}"
 
 
 class CLRScale(ReprogrammingLayer):
@@ -279,7 +292,7 @@ def _depthwise_per_sample(x: torch.Tensor, weight: torch.Tensor, k: int) -> torc
     return y.view(b, c, *y.shape[2:])
 
 
-class CLRGated(ReprogrammingLayer):
+class CLRGated(_DepthwiseKernel):
     """The authors' gated block (``Ghost_a``): ``y + A * ghost(y)`` with a depthwise k x k ``ghost`` conv.
 
     ``ghost`` starts as PyTorch initialises a conv (Kaiming-uniform, ``a = sqrt(5)``) and the per-channel gate ``A``
@@ -300,19 +313,9 @@ class CLRGated(ReprogrammingLayer):
         device: torch.device | str | None = None,
         dtype: torch.dtype | None = None,
     ) -> None:
-        super().__init__()
-        if kernel_size < 1 or kernel_size % 2 == 0:
-            raise ConfigError(f"kernel_size must be odd and positive, got {kernel_size}")
-        self.channels = channels
-        self.kernel_size = kernel_size
-        self.weight = nn.Parameter(torch.empty(channels, 1, kernel_size, kernel_size, device=device, dtype=dtype))
+        super().__init__(channels, kernel_size, device, dtype)
         self.gate = nn.Parameter(torch.empty(channels, device=device, dtype=dtype))
         self.reset_parameters()
-
-    @classmethod
-    def from_conv(cls, conv: nn.Module, config: Any) -> CLRGated:
-        w = conv.weight
-        return cls(int(conv.out_channels), config.kernel_size, device=w.device, dtype=w.dtype)
 
     @classmethod
     def tensor_shapes(cls, target: Any, config: Any) -> dict[str, tuple[int, ...]]:
@@ -342,12 +345,6 @@ class CLRGated(ReprogrammingLayer):
         c = self.kernel_size // 2
         kernel[:, 0, c, c] += 1.0
         return {"weight": kernel * scale.reshape(-1, 1, 1, 1), "bias": shift.to(self.weight.dtype)}
-
-    def compute_folded(self, x: torch.Tensor, folded: dict[str, torch.Tensor]) -> torch.Tensor:
-        return F.conv2d(x, folded["weight"], folded["bias"], 1, self.kernel_size // 2, 1, self.channels)
-
-    def extra_repr(self) -> str:
-        return f"{self.channels}, kernel_size={self.kernel_size}"
 
 
 class CLRParallel(ReprogrammingLayer):

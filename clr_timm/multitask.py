@@ -49,12 +49,12 @@ from torch import nn
 
 from . import multitask_io
 from .adapter import AdapterFile, _check_task_name, validate_adapter
-from .attach import _refuse_fused, _state, attach, detach, is_attached
+from .attach import attach, detach, is_attached
 from .binding import Binding, TaskAdapter
 from .config import CLRConfig
 from .errors import AdapterMismatchError, CLRError
 from .mixed import mixed_batch
-from .state import MULTITASK, Served
+from .state import MULTITASK, Served, get_state, refuse_fused
 
 __all__ = ["MultiTaskModel", "TaskAdapter", "TaskOracle", "EntropyOracle"]  # TaskAdapter: see clr_timm.binding
 
@@ -201,15 +201,15 @@ class TaskSet(nn.Module):
     ) -> None:
         super().__init__()
         self._lock = threading.RLock()
-        _refuse_fused(model, "serving it as a MultiTaskModel")
-        if is_attached(model) and config is not None and config != _state(model).config:
+        refuse_fused(model, "serving it as a MultiTaskModel")
+        if is_attached(model) and config is not None and config != get_state(model).config:
             raise AdapterMismatchError(
-                f"the model is attached with {_state(model).config}, not {config}; call clr_timm.detach(model) first"
+                f"the model is attached with {get_state(model).config}, not {config}; call clr_timm.detach(model) first"
             )
         if not is_attached(model):
             attach(model, config)
         self.model = model
-        state = _state(model)
+        state = get_state(model)
         if MULTITASK not in state.modes:
             state.enter(MULTITASK, Served())  # tells clr_timm.fuse that the tasks share this model
         self.adapters = nn.ModuleDict()

@@ -23,11 +23,11 @@ import torch
 from torch import nn
 
 from .adapter import AdapterFile, _check_task_name, apply_adapter, extract_adapter, read_adapter, write_adapter
-from .attach import _refuse_fused, _state
 from .card import TaskFiles, local_tasks, model_license, write_local_card, write_task_folder
 from .count import count_parameters
 from .hub import download_adapter, push_tasks
 from .source import check_recorded_task, parse_source, task_file
+from .state import get_state, refuse_fused
 
 if TYPE_CHECKING:
     from huggingface_hub import CommitInfo
@@ -39,7 +39,7 @@ def _extract(
     model: nn.Module, task: str | None, dtype: str | torch.dtype | None, label_names: list[str] | None
 ) -> AdapterFile:
     """The model's adapter in memory, recording the task and labels it was loaded with unless others are given."""
-    state = _state(model)
+    state = get_state(model)
     task = task if task is not None else state.task
     label_names = label_names if label_names is not None else state.label_names
     return extract_adapter(model, task=task, dtype=dtype, label_names=label_names)
@@ -224,6 +224,6 @@ def load_adapter(
     Returns:
         The model, which records the adapter's task and label names. On any error it is left exactly as it was.
     """
-    _refuse_fused(model, "loading an adapter into it")
+    refuse_fused(model, "loading an adapter into it")
     adapter = read_source(source, task=task, model=model, **hub_kwargs)  # checked against the model before reading
     return apply_adapter(model, adapter, check_backbone=check_backbone)

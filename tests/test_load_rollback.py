@@ -121,7 +121,7 @@ def _interrupt_after_the_copy(monkeypatch, tmp_path):
         raise KeyboardInterrupt
 
     path = _adapter(tmp_path, 5)
-    monkeypatch.setattr(adapter_module, "_state", interrupt)
+    monkeypatch.setattr(adapter_module, "get_state", interrupt)
     return path, KeyboardInterrupt
 
 
