@@ -6,8 +6,10 @@ conv larger than 1x1, its normalisation layers and its head) that never touches 
 The top level holds what a training script, a serving script and a new layer kind need. Everything else stays
 importable from its module: the built-in layers (``clr_timm.layers.CLRConv2d``, ``CLRScale``), the file format
 (``clr_timm.adapter``: ``AdapterFile``, ``ADAPTER_FILE``, ``backbone_fingerprint``), the Hub's specific errors
-(``clr_timm.errors``), the task oracles (``clr_timm.multitask.EntropyOracle``) and ``clr_timm.count.ParameterCount``.
-See ARCHITECTURE.md for the layers of the package.
+(``clr_timm.errors``), an attached model's config (``clr_timm.attach.get_config``), timm checkpoints
+(``clr_timm.checkpoint.extract_adapter``, the twin of ``clr-timm extract``), the task oracles
+(``clr_timm.multitask.EntropyOracle``), ``clr_timm.count.ParameterCount`` and the HTTP server (``clr_timm.serve``, an
+optional extra). See ARCHITECTURE.md for the layers of the package.
 """
 
 from .adapter import read_adapter
@@ -15,7 +17,6 @@ from .attach import (
     adapter_state_dict,
     attach,
     detach,
-    get_config,
     is_attached,
     mark_only_adapter_as_trainable,
     plan_targets,
@@ -25,11 +26,13 @@ from .attach import (
 from .config import CLRConfig
 from .count import count_parameters, print_trainable_parameters
 from .errors import AdapterError, AdapterMismatchError, BackboneMismatchError, CLRError, ConfigError, HubError
+from .factory import create_model
 from .fuse import fuse, is_fused, unfuse
 from .hub import describe, download_adapter, list_tasks, push_folder
 from .layers import ReprogrammingLayer, register_layer
 from .memory import is_memory_efficient, set_memory_efficient
 from .multitask import MultiTaskModel
+from .onnx_export import export_onnx
 from .save_load import load_adapter, push_to_hub, save_adapter, save_pretrained
 from .version import __version__
 
@@ -40,7 +43,6 @@ __all__ = [
     "attach",
     "detach",
     "is_attached",
-    "get_config",
     "plan_targets",
     "reset_adapter",
     "resize_head",
@@ -60,11 +62,13 @@ __all__ = [
     "list_tasks",
     "download_adapter",
     "describe",
+    "create_model",
     # serving
     "fuse",
     "unfuse",
     "is_fused",
     "MultiTaskModel",
+    "export_onnx",
     # new reprogramming-layer kinds
     "ReprogrammingLayer",
     "register_layer",

@@ -30,12 +30,15 @@ import secrets
 import shutil
 import stat
 import sys
+import threading
+from collections import OrderedDict
 from collections.abc import Iterator, Mapping
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from safetensors import SafetensorError
 from torch import nn
@@ -113,7 +116,9 @@ class AdapterFile:
     """An adapter: its tensors and what its metadata says, as read from a file or extracted from a model.
 
     ``path`` is the file it was read from or written to (``""`` for one extracted and not written yet), and
-    ``metadata`` the safetensors metadata exactly as it is (or will be) in the file.
+    ``metadata`` the safetensors metadata exactly as it is (or will be) in the file. ``base_weights_sha256`` is the
+    SHA-256 of the local weights file the backbone was loaded from, for an adapter trained on weights that no
+    pretrained tag names (``clr-timm extract --base-weights``); None otherwise, and then not written to the file.
     """
 
     path: str
@@ -128,6 +133,7 @@ class AdapterFile:
     label_names: list[str] | None = None
     versions: dict[str, str] = field(default_factory=dict)
     metadata: dict[str, str] = field(default_factory=dict)
+    base_weights_sha256: str | None = None
 
     @property
     def base_model(self) -> str | None:
@@ -227,6 +233,7 @@ def extract_adapter(
     task: str | None = None,
     dtype: str | torch.dtype | None = None,
     label_names: list[str] | None = None,
+    _fingerprint: str | None = None,
 ) -> AdapterFile:
     """The task's adapter of an attached model, in memory (copied to the CPU), with the metadata a file records.
 
@@ -238,6 +245,8 @@ def extract_adapter(
         task: Task name to record.
         dtype: Storage dtype of the floating tensors: None keeps the model's, ``"fp16"`` / ``"bf16"`` halve the file.
         label_names: Class names to record.
+        _fingerprint: The model's :func:`backbone_fingerprint` when the caller has it (saving many tasks of one
+            backbone computes it once); None computes it.
     """
     state = get_state(model)
     _check_task_name(task)
@@ -259,7 +268,7 @@ def extract_adapter(
         config=state.config,
         num_classes=num_classes,
         **{k: v or None for k, v in base_model_info(model).items()},
-        backbone_fingerprint=backbone_fingerprint(model),
+        backbone_fingerprint=_fingerprint or backbone_fingerprint(model),
         task=task,
         label_names=label_names,
         versions=_versions(),
@@ -269,7 +278,11 @@ def extract_adapter(
 
 
 def _metadata(adapter: AdapterFile) -> dict[str, str]:
-    """The safetensors metadata that records an adapter's fields (all strings, JSON where not plain text)."""
+    """The safetensors metadata that records an adapter's fields (all strings, JSON where not plain text).
+
+    ``base_weights_sha256`` is written only when set, so every other adapter's file stays as it always was.
+    """
+    local_base = {"base_weights_sha256": adapter.base_weights_sha256} if adapter.base_weights_sha256 else {}
     return {
         "format": "pt",
         "clr_format": FORMAT_NAME,
@@ -283,6 +296,7 @@ def _metadata(adapter: AdapterFile) -> dict[str, str]:
         "architecture": adapter.architecture or "",
         "pretrained_tag": adapter.pretrained_tag or "",
         "hf_hub_id": adapter.hf_hub_id or "",
+        **local_base,
     }
 
 
@@ -485,6 +499,7 @@ class _Header:
     entries: dict[str, _Entry]
     data_start: int
     data_size: int
+    runs: tuple[tuple[tuple[str, _Entry], ...], ...] | None = None  # _runs(entries), where known
 
 
 def _unreadable(path: Path, why: str) -> AdapterError:
@@ -516,13 +531,9 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return found
 
 
-def _read_header(f, size: int, path: Path) -> _Header:
-    """The header of the safetensors file open as ``f`` (``size`` bytes), checked before any tensor is read.
-
-    Reads the 8-byte length and then the header itself, nothing more; refuses a length that does not fit the file or
-    exceeds :data:`MAX_HEADER_BYTES` before reading the header, and a header whose JSON holds more than
-    :data:`MAX_TENSORS` entries need before parsing it.
-    """
+def _header_text(f, size: int, path: Path) -> str:
+    """The header's text: the 8-byte length, checked against the file and :data:`MAX_HEADER_BYTES` before the header
+    is read, then the header itself, nothing more."""
     head = f.read(8)
     if not head:
         raise AdapterError(f"{path} is empty; it is not an adapter file")
@@ -550,6 +561,11 @@ def _read_header(f, size: int, path: Path) -> _Header:
     del raw  # at most two copies of the header at a time: its text and its structure
     if not text.lstrip().startswith("{"):
         raise _unreadable(path, "its header is not a JSON object")
+    return text
+
+
+def _parse_header(text: str, path: Path) -> tuple[Any, dict[str, Any]]:
+    """(metadata, tensor table) of a header's JSON text, its size checked before it is parsed, keys unique."""
     # A tensor's entry is 5 strings, an object with two arrays and a dozen separators at most; the metadata is one
     # object of strings. Counted before parsing: json.loads would build up to 20 times the text's size in objects.
     containers, separators = json_structure(text, 5 * MAX_TENSORS + 2 * MAX_METADATA_KEYS + 8)
@@ -564,18 +580,90 @@ def _read_header(f, size: int, path: Path) -> _Header:
         raise _unreadable(path, f"its header is not valid JSON ({shown(str(e), 120)})") from None
     if not isinstance(header, dict):
         raise _unreadable(path, "its header is not a JSON object")
-    meta = header.pop("__metadata__", None) or {}
+    return header.pop("__metadata__", None), header
+
+
+def _read_header(f, size: int, path: Path) -> _Header:
+    """The header of the safetensors file open as ``f`` (``size`` bytes), checked before any tensor is read.
+
+    Reads the 8-byte length and then the header itself, nothing more; refuses a length that does not fit the file or
+    exceeds :data:`MAX_HEADER_BYTES` before reading the header, and a header whose JSON holds more than
+    :data:`MAX_TENSORS` entries need before parsing it. A header whose tensor table was checked before (the files of
+    the tasks of one model) has only its metadata parsed and checked (:func:`_known_table`).
+    """
+    text = _header_text(f, size, path)
+    data_size = size - 8 - len(text.encode("utf-8"))
+    known = _known_table(text, data_size)
+    meta, table = known if known is not None else _parse_header(text, path)
+    meta = meta or {}
     if not isinstance(meta, dict) or not all(isinstance(v, str) for v in meta.values()):
         raise AdapterError(f"{path}: safetensors metadata must map strings to strings")
     problem = _metadata_problem(meta)
     if problem is not None:
         raise AdapterError(f"{path}: {problem}; it is not an adapter")
-    if len(header) > MAX_TENSORS:
-        raise AdapterError(f"{path} has {len(header)} tensors; clr_timm reads at most {MAX_TENSORS}")
-    data_size = size - 8 - n
-    entries = {key: _entry(key, value, data_size, path) for key, value in header.items()}
+    if known is not None:
+        return _Header(meta, table, size - data_size, data_size, _runs(table))
+    if len(table) > MAX_TENSORS:
+        raise AdapterError(f"{path} has {len(table)} tensors; clr_timm reads at most {MAX_TENSORS}")
+    entries = {key: _entry(key, value, data_size, path) for key, value in table.items()}
     _check_layout(entries, data_size, path)
-    return _Header(meta, entries, 8 + n, data_size)
+    _remember_table(text, data_size, entries)
+    return _Header(meta, entries, size - data_size, data_size)
+
+
+# Tensor tables checked before: the files of many tasks of one model and config differ in their metadata only, and
+# safetensors writes the metadata first. A header that is ``{"__metadata__":`` + a JSON object + ``,`` + the rest of a
+# header checked before (the same text, the same data size) has that header's tensor table, already checked (valid
+# JSON, unique keys, entries, layout), so only its metadata is parsed, after its size is checked. Entries are immutable.
+_METADATA_START = '{"__metadata__":'
+_CHECKED_TABLES: OrderedDict[tuple[str, int], dict[str, _Entry]] = OrderedDict()
+_RUNS: dict[int, tuple[dict[str, _Entry], tuple]] = {}  # id(entries) of a kept table -> (entries, _runs(entries))
+_CHECKED_TABLES_KEPT = 8
+_CHECKED_TABLE_MAX_CHARS = 2**20
+_CHECKED_TABLES_LOCK = threading.Lock()
+
+
+def _known_table(text: str, data_size: int) -> tuple[Any, dict[str, _Entry]] | None:
+    """(metadata, entries) of a header whose table was checked before (see above), or None."""
+    if not text.startswith(_METADATA_START):
+        return None
+    with _CHECKED_TABLES_LOCK:
+        tables = list(_CHECKED_TABLES.items())
+    for (rest, size), entries in reversed(tables):
+        cut = len(text) - len(rest) - 1  # where the comma after the metadata must be
+        if size != data_size or cut <= len(_METADATA_START) or text[cut] != "," or not text.endswith(rest):
+            continue
+        meta_text = text[len(_METADATA_START) : cut]
+        containers, separators = json_structure(meta_text, 2 * MAX_METADATA_KEYS + 1)
+        if containers != 1 or separators > 2 * MAX_METADATA_KEYS:
+            return None  # not an object of strings: the whole header is parsed, to say what is wrong
+        try:
+            meta = json.loads(meta_text, object_pairs_hook=_unique_keys)
+        except (ValueError, RecursionError, AdapterError):
+            return None
+        return (meta, entries) if isinstance(meta, dict) else None
+    return None
+
+
+def _remember_table(text: str, data_size: int, entries: dict[str, _Entry]) -> None:
+    """Keep a checked header's table under the text that follows its metadata, where the header starts with it."""
+    if not text.startswith(_METADATA_START):
+        return
+    try:
+        _, end = json.JSONDecoder().raw_decode(text, len(_METADATA_START))
+    except (ValueError, RecursionError):
+        return
+    if text[end : end + 1] != "," or len(text) - end > _CHECKED_TABLE_MAX_CHARS:
+        return
+    key = (text[end + 1 :], data_size)
+    with _CHECKED_TABLES_LOCK:
+        if key in _CHECKED_TABLES:
+            _RUNS.pop(id(_CHECKED_TABLES[key]), None)
+        _CHECKED_TABLES[key] = entries
+        _CHECKED_TABLES.move_to_end(key)
+        _RUNS[id(entries)] = (entries, _runs(entries))
+        while len(_CHECKED_TABLES) > _CHECKED_TABLES_KEPT:
+            _RUNS.pop(id(_CHECKED_TABLES.popitem(last=False)[1]), None)
 
 
 def _check_layout(entries: dict[str, Any], data_size: int, path: Path) -> None:
@@ -628,25 +716,79 @@ def _entry(key: str, value: Any, data_size: int, path: Path) -> _Entry:
     return _Entry(dtype, itemsize, tuple(shape), begin, end)
 
 
+def _runs(entries: dict[str, _Entry]) -> tuple[tuple[tuple[str, _Entry], ...], ...]:
+    """The entries in the order of their data, in runs of one dtype: each run is one stretch of the data section.
+
+    Those of a kept table (:func:`_remember_table`) are worked out once."""
+    kept = _RUNS.get(id(entries))
+    if kept is not None and kept[0] is entries:
+        return kept[1]
+    runs: list[list[tuple[str, _Entry]]] = []
+    for key, e in sorted(entries.items(), key=lambda item: (item[1].begin, item[1].end)):
+        if runs and runs[-1][0][1].dtype == e.dtype:
+            runs[-1].append((key, e))
+        else:
+            runs.append([(key, e)])
+    return tuple(tuple(run) for run in runs)
+
+
+def _read_run(data: bytearray, run: list[tuple[str, _Entry]]) -> torch.Tensor:
+    """One run's values as a 1-D tensor: a view of ``data`` where aligned, else a buffer of its own."""
+    dtype, itemsize = run[0][1].dtype, run[0][1].itemsize
+    begin, end = run[0][1].begin, run[-1][1].end
+    if begin == end:
+        return torch.empty(0, dtype=dtype)
+    if begin % itemsize:  # a misaligned run gets a buffer of its own
+        flat = torch.frombuffer(data[begin:end], dtype=dtype)
+    else:
+        flat = torch.frombuffer(data, dtype=dtype, count=(end - begin) // itemsize, offset=begin)
+    if sys.byteorder == "big" and itemsize > 1:  # safetensors stores little-endian
+        flat = flat.view(torch.uint8).view(-1, itemsize).flip(1).reshape(-1).view(dtype)
+    return flat
+
+
+# numpy checks a CPU tensor's values many times faster than torch's parallel kernels do for a small tensor.
+_NUMPY_FLOATS = (torch.float16, torch.float32, torch.float64)
+
+
+def _bad_bools(t: torch.Tensor) -> bool:
+    return t.dtype == torch.bool and t.numel() > 0 and bool(t.view(torch.uint8).max() > 1)
+
+
+def _not_finite(t: torch.Tensor) -> bool:
+    if not t.is_floating_point() or not t.numel():
+        return False
+    if t.dtype in _NUMPY_FLOATS:
+        return not np.isfinite(t.numpy()).all()
+    return not bool(torch.isfinite(t).all())
+
+
+def _check_values(tensors: dict[str, torch.Tensor], flats: list[torch.Tensor], path: Path) -> None:
+    """Booleans hold 0 or 1 and floats are finite: checked once per run (``flats``), the culprit named in file order."""
+    if any(_bad_bools(t) for t in flats):
+        bad = next(k for k, t in tensors.items() if _bad_bools(t))
+        raise AdapterError(f"{path}: tensor {shown(bad, 80)} is boolean but holds bytes other than 0 and 1")
+    if any(_not_finite(t) for t in flats):
+        bad = next(k for k, t in tensors.items() if _not_finite(t))
+        raise AdapterError(f"{path}: tensor {shown(bad)} contains NaN or Inf values; the adapter is corrupt")
+
+
 def _read_tensors(f, header: _Header, path: Path) -> dict[str, torch.Tensor]:
-    """The tensors of the header's entries: the data section, which they tile exactly, read at once and viewed."""
+    """The tensors of the header's entries, checked (:func:`_check_values`): the data section, which they tile
+    exactly, read at once; each run of one dtype is viewed once and cut into its tensors."""
     data = bytearray(header.data_size)
     f.seek(header.data_start)
     if f.readinto(data) != len(data):
         raise _unreadable(path, "it got shorter while it was read")
-    tensors = {}
-    for key, e in header.entries.items():
-        if e.begin == e.end:
-            t = torch.empty(0, dtype=e.dtype)
-        elif e.begin % e.itemsize:  # a misaligned tensor gets a buffer of its own
-            t = torch.frombuffer(data[e.begin : e.end], dtype=e.dtype)
-        else:
-            t = torch.frombuffer(data, dtype=e.dtype, count=(e.end - e.begin) // e.itemsize, offset=e.begin)
-        if e.dtype == torch.bool and t.numel() and t.view(torch.uint8).max() > 1:
-            raise AdapterError(f"{path}: tensor {shown(key, 80)} is boolean but holds bytes other than 0 and 1")
-        if sys.byteorder == "big" and e.itemsize > 1:  # safetensors stores little-endian
-            t = t.view(torch.uint8).view(-1, e.itemsize).flip(1).reshape(-1).view(e.dtype)
-        tensors[key] = t.view(e.shape)
+    tensors, flats = {}, []
+    for run in header.runs or _runs(header.entries):
+        flats.append(_read_run(data, run))
+        pieces = flats[-1].split([(e.end - e.begin) // e.itemsize for _, e in run])
+        tensors.update(
+            (key, piece if len(e.shape) == 1 else piece.view(e.shape)) for (key, e), piece in zip(run, pieces)
+        )
+    tensors = {key: tensors[key] for key in header.entries}
+    _check_values(tensors, flats, path)
     return tensors
 
 
@@ -713,6 +855,9 @@ def _adapter_of(meta: dict[str, str], path: Path) -> AdapterFile:
     _check_format(meta, path)
     fields = _task_fields(meta, path)
     versions = _json_meta(meta, "versions", path, "an object of strings", {}, most=65536)
+    sha256 = meta.get("base_weights_sha256") or None
+    if sha256 is not None and not re.fullmatch(r"[0-9a-f]{64}", sha256):
+        raise AdapterError(f"{path}: metadata 'base_weights_sha256' is not 64 lowercase hex digits: {shown(sha256)}")
     return AdapterFile(
         path=str(path),
         tensors={},
@@ -723,14 +868,8 @@ def _adapter_of(meta: dict[str, str], path: Path) -> AdapterFile:
         backbone_fingerprint=meta.get("backbone_fingerprint") or None,
         versions={k: v for k, v in versions.items() if isinstance(v, str)} if isinstance(versions, dict) else {},
         metadata=dict(meta),
+        base_weights_sha256=sha256,
     )
-
-
-def _check_values(tensors: dict[str, torch.Tensor], path: Path) -> None:
-    floats = [(k, t) for k, t in tensors.items() if t.is_floating_point()]
-    if floats and not torch.isfinite(torch.cat([t.reshape(-1).float() for _, t in floats])).all():
-        bad = next(k for k, t in floats if not torch.isfinite(t).all())
-        raise AdapterError(f"{path}: tensor {shown(bad)} contains NaN or Inf values; the adapter is corrupt")
 
 
 def read_adapter(path: str | os.PathLike, *, model: nn.Module | None = None) -> AdapterFile:
@@ -762,7 +901,6 @@ def read_adapter(path: str | os.PathLike, *, model: nn.Module | None = None) -> 
             adapter.tensors = _read_tensors(f, header, path)
     except OSError as e:
         raise AdapterError(f"{path} cannot be read: {shown(str(e))}") from e
-    _check_values(adapter.tensors, path)
     return adapter
 
 

@@ -44,6 +44,8 @@ CLR_ATTR = "clr"
 _TORCH_NORMS = (nn.modules.batchnorm._BatchNorm, nn.GroupNorm, nn.LayerNorm, nn.modules.instancenorm._InstanceNorm)
 _NORM_STAT_BUFFERS = ("running_mean", "running_var", "num_batches_tracked")
 _NORM_CLASS_NAME = re.compile(r"Norm(Act|Tlu)?(\d+d)?([BS]\d+a?)?(Fp32)?$")
+# The method through which timm's optimizer factory asks a model which parameters not to decay.
+NO_WEIGHT_DECAY = "no_weight_decay"
 # Methods through which timm fuses or re-parameterises a module (see timm.models.reparameterize_model).
 _REPARAM_METHODS = ("fuse", "reparameterize", "switch_to_deploy")
 
@@ -110,6 +112,44 @@ class _ReparamGuard:
             "the reprogramming layers and fuses the per-task norms away. Re-parameterise first "
             "(timm.utils.reparameterize_model(model)) and attach after, or call clr_timm.detach(model) first"
         )
+
+
+class _NoWeightDecay:
+    """Stands in for the model's ``no_weight_decay()`` while CLR is attached: the model's own names plus the
+    reprogramming-layer tensors, which weight decay would pull toward zero and so away from the identity they start at.
+
+    timm's ``create_optimizer_v2`` and ``param_groups_weight_decay`` put every name it returns in the group without
+    weight decay (norm affines are 1-D, which timm never decays). The names are fixed at attach, so the object pickles
+    and deep-copies (``ModelEmaV3``) without a reference to the model; :func:`detach` removes it.
+    """
+
+    def __init__(self, names: frozenset[str], own: frozenset[str], replaced: object) -> None:
+        self.names, self.own, self.replaced = names, own, replaced
+
+    def __call__(self) -> set[str]:
+        return set(self.own | self.names)
+
+
+_NOTHING = object()  # what _NoWeightDecay.replaced holds when the model had no instance attribute no_weight_decay
+
+
+def _exclude_from_weight_decay(model: nn.Module, plan: CLRPlan) -> None:
+    modules = dict(model.named_modules())
+    names = frozenset(
+        _key(t.name, f"{CLR_ATTR}.{pn}") for t in plan.targets for pn in getattr(modules[t.name], CLR_ATTR).params()
+    )
+    own = getattr(model, NO_WEIGHT_DECAY, None)
+    own = frozenset(own()) if callable(own) else frozenset()
+    replaced = model.__dict__.get(NO_WEIGHT_DECAY, _NOTHING)
+    object.__setattr__(model, NO_WEIGHT_DECAY, _NoWeightDecay(names, own, replaced))
+
+
+def _restore_weight_decay(model: nn.Module) -> None:
+    hook = model.__dict__.get(NO_WEIGHT_DECAY)
+    if isinstance(hook, _NoWeightDecay):
+        object.__delattr__(model, NO_WEIGHT_DECAY)
+        if hook.replaced is not _NOTHING:
+            object.__setattr__(model, NO_WEIGHT_DECAY, hook.replaced)
 
 
 def _guard_reparameterisation(model: nn.Module) -> list[tuple[str, str]]:
@@ -325,8 +365,10 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
 
     Args:
         model: Any timm CNN (or torch module with ``nn.Conv2d`` layers).
-        config: What to reprogram; defaults to the paper's setting. The authors' other variants are
-            ``CLRConfig.preset(name)`` (``"Ghost"``, ``"Ghost_a"``, ``"li18"``, ...).
+        config: What to reprogram; defaults to the paper's setting. ``CLRConfig.recommended(model)`` is the config
+            measured best for the model's family (EfficientNet-Lite and MobileNetV2 so far; the paper's setting for
+            any other family), its docstring giving the numbers, the learning rate and the benchmark command. The
+            authors' other variants are ``CLRConfig.preset(name)`` (``"Ghost"``, ``"Ghost_a"``, ``"li18"``, ...).
         **overrides: Fields of :class:`CLRConfig` to override, e.g. ``depthwise="scale"``.
 
     Returns:
@@ -337,6 +379,10 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
     training form or after ``timm.utils.reparameterize_model``; once attached, their ``fuse`` / ``reparameterize`` /
     ``switch_to_deploy`` methods raise :class:`~clr_timm.CLRError` until :func:`detach`, since fusing would silently
     drop the adapter.
+
+    Weight decay never applies to the reprogramming layers: while attached, ``model.no_weight_decay()`` (what timm's
+    ``create_optimizer_v2`` and ``param_groups_weight_decay`` ask) also names them, so any weight decay pulls only the
+    head toward zero, never a kernel away from the identity (the README's "With timm's train.py" section says why).
     """
     if config is None:
         config = CLRConfig(**overrides) if overrides else CLRConfig()
@@ -375,6 +421,7 @@ def attach(model: nn.Module, config: CLRConfig | None = None, **overrides) -> nn
         modules[n].register_forward_pre_hook(_frozen_norm_pre_hook)
     model.register_load_state_dict_post_hook(_load_state_dict_post_hook)
     state.guarded = _guard_reparameterisation(model)
+    _exclude_from_weight_decay(model, plan)
     object.__setattr__(model, STATE_ATTR, state)
     mark_only_adapter_as_trainable(model)
     return model
@@ -458,6 +505,7 @@ def detach(model: nn.Module) -> nn.Module:
     for name, method in state.guarded:
         if isinstance(modules[name].__dict__.get(method), _ReparamGuard):
             object.__delattr__(modules[name], method)
+    _restore_weight_decay(model)
     _restore_base(model, state)
     for n, p in model.named_parameters():
         p.requires_grad_(state.requires_grad.get(n, True))

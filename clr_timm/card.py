@@ -180,6 +180,7 @@ def summarize(
             "hf_hub_id": adapter.hf_hub_id,
             "license": license or _license_of(info),
             "backbone_fingerprint": adapter.backbone_fingerprint,
+            **({"weights_sha256": adapter.base_weights_sha256} if adapter.base_weights_sha256 else {}),
         },
         "parameters": parameters,
         "dtype": dtypes.most_common(1)[0][0] if dtypes else None,
@@ -299,15 +300,17 @@ def checked_adapter(data: bytes, path: Path) -> AdapterFile:
     return dataclasses.replace(adapter, path=str(path))
 
 
-def local_tasks(folder: Path, validate: bool = True) -> list[TaskFiles]:
+def local_tasks(folder: Path, validate: bool = True, names: list[str | None] | None = None) -> list[TaskFiles]:
     """The adapters of a ``save_pretrained`` folder: the root one (task None) first, then the task folders.
 
     Nothing is read through a link. With ``validate``, each adapter file is read once, checked, and kept as the bytes
-    to upload; without, only its size is taken (unless it has no ``clr_config.json`` to summarise it).
+    to upload; without, only its size is taken (unless it has no ``clr_config.json`` to summarise it). ``names``
+    reads only those tasks (None: the root adapter), which must be in the folder.
     """
-    root = os.path.lexists(folder / ADAPTER_FILE)
+    if names is None:
+        names = [*([None] if os.path.lexists(folder / ADAPTER_FILE) else []), *folder_tasks(folder)]
     tasks = []
-    for name in [*([None] if root else []), *folder_tasks(folder)]:
+    for name in names:
         where = f"{name}/" if name is not None else ""
         adapter_path = folder / where / ADAPTER_FILE
         config = read_in_folder(folder, where + CONFIG_FILE, MAX_CONFIG_BYTES)
@@ -443,9 +446,25 @@ def _row(t: TaskFiles) -> str:
     return f"| {' | '.join(cells)} |"
 
 
-def _tasks_block(repo_id: str | None, tasks: list[TaskFiles]) -> str:
-    """The generated part of the card, between the markers: the table of tasks and how to use them."""
+def _first_cell(task: str | None) -> str:
+    return _code(task) if task is not None else "(repo root)"
+
+
+def _card_rows(card: str | None) -> dict[str, str]:
+    """The rows of the table of tasks in a card's generated block, by their first cell (:func:`_first_cell`)."""
+    block = _CARD_BLOCK.search(card or "")
+    lines = block.group(0).splitlines() if block else []
+    return {line[2:].split(" | ", 1)[0]: line for line in lines if line.startswith("| ") and " | " in line}
+
+
+def _tasks_block(repo_id: str | None, tasks: list[TaskFiles], kept: dict[str | None, str] | None = None) -> str:
+    """The generated part of the card, between the markers: the table of tasks and how to use them.
+
+    ``kept``: rows of other tasks (task -> row, as an earlier card has them) to list beside ``tasks``.
+    """
     tasks = sorted(tasks, key=lambda t: (t.task is not None, t.task or ""))
+    rows = [((t.task is not None, t.task or ""), _row(t)) for t in tasks]
+    rows += [((name is not None, name or ""), row) for name, row in (kept or {}).items()]
     backbone = next(
         (b for t in tasks if isinstance(b := (t.summary.get("parameters") or {}).get("backbone"), int)), None
     )
@@ -459,7 +478,7 @@ def _tasks_block(repo_id: str | None, tasks: list[TaskFiles]) -> str:
             "",
             "| Task | Variant | Classes | Parameters per task | % of backbone | Head | File |",
             "|---|---|---:|---:|---:|---:|---:|",
-            *(_row(t) for t in tasks),
+            *(row for _, row in sorted(rows)),
             "",
             "Parameters per task: the reprogramming layers and the task's normalisation layers, without its "
             f"head. The backbone{shared} is frozen and shared by every task, so adding a task never changes another.",
@@ -471,13 +490,21 @@ def _tasks_block(repo_id: str | None, tasks: list[TaskFiles]) -> str:
 
 
 def render_card(
-    existing: str | None, repo_id: str | None, title: str, tasks: list[TaskFiles], license: str | None = None
+    existing: str | None,
+    repo_id: str | None,
+    title: str,
+    tasks: list[TaskFiles],
+    license: str | None = None,
+    kept: dict[str | None, str] | None = None,
 ) -> str:
-    """The model card: Hub metadata updated, the generated block replaced, everything a person wrote kept."""
+    """The model card: Hub metadata updated, the generated block replaced, everything a person wrote kept.
+
+    ``kept``: table rows of other tasks, taken from ``existing`` (see :func:`write_local_card`).
+    """
     from huggingface_hub import ModelCard, ModelCardData
 
     base = next((b for b in (_base_model_id(t.summary) for t in tasks) if b), None)
-    block = _tasks_block(repo_id, tasks)
+    block = _tasks_block(repo_id, tasks, kept)
     if existing is None:
         name = next((n for n in (_timm_name(_base_name(t)) for t in tasks) if n), None)
         title = html.escape(printable(title), quote=False)  # a folder's name: no markup, no comment marker
@@ -516,12 +543,27 @@ def render_card(
     return str(card)
 
 
-def write_local_card(folder: Path) -> None:
-    """Write (or update) the ``README.md`` card of a ``save_pretrained`` folder from the tasks in it."""
-    tasks = local_tasks(folder, validate=False)
+def write_local_card(folder: Path, written: list[TaskFiles] | None = None) -> None:
+    """Write (or update) the ``README.md`` card of a ``save_pretrained`` folder from the tasks in it.
+
+    With ``written`` (the tasks just saved, as :func:`write_task_folder` returns them), the other tasks keep the rows
+    the existing card gives them, and only a task without one has its ``clr_config.json`` read: saving k tasks into a
+    folder of N reads k files, not N, so that saving tasks one at a time stays linear in the number of tasks.
+    """
+    existing = read_card(folder)
+    if written is None:
+        tasks, kept = local_tasks(folder, validate=False), {}
+    else:
+        rows = _card_rows(existing)
+        saved = {t.task for t in written}
+        on_disk = [*([None] if os.path.lexists(folder / ADAPTER_FILE) else []), *folder_tasks(folder)]
+        others = [name for name in on_disk if name not in saved]
+        kept = {name: rows[_first_cell(name)] for name in others if _first_cell(name) in rows}
+        tasks = [*written, *local_tasks(folder, validate=False, names=[n for n in others if n not in kept])]
     if not tasks:
         return
-    _atomic_write_text(folder / CARD_FILE, render_card(read_card(folder), None, folder.resolve().name, tasks))
+    card = render_card(existing, None, folder.resolve().name, tasks, kept=kept)
+    _atomic_write_text(folder / CARD_FILE, card)
 
 
 def read_card(folder: Path) -> str | None:

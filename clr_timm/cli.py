@@ -1,4 +1,5 @@
-"""The ``clr-timm`` command: ``count`` what CLR costs on timm models, ``info`` on adapters, ``push`` / ``pull``.
+"""The ``clr-timm`` command: ``count`` what CLR costs on timm models, ``info`` on adapters, ``push`` / ``pull``,
+``extract`` the adapter of a timm training checkpoint.
 
 Every command has ``--help``. Errors print ``error: <message>`` on stderr and exit with status 2, without a traceback.
 Text that comes from files or repos (names, labels, versions, error messages quoting them) is printed with control
@@ -32,9 +33,11 @@ __all__ = [
     "main",
     "model_names_from_args",
     "run_count",
+    "run_extract",
     "run_info",
     "run_pull",
     "run_push",
+    "run_serve",
     "write_csv",
     "write_json",
 ]
@@ -199,6 +202,7 @@ def _format_adapter(info: dict[str, Any]) -> str:
         ("repo", info.get("repo_id") and f"{info['repo_id']} @ {_text(info.get('revision'))}"),
         ("base model", _text(base.get("name")) or "unknown"),
         ("timm hub id", _text(base.get("hf_hub_id"))),
+        ("base weights sha256", _text(base.get("weights_sha256"))),
         ("backbone fingerprint", _text(base.get("backbone_fingerprint"))),
         ("task", _text(info.get("task"))),
         ("classes", info.get("num_classes")),
@@ -315,6 +319,129 @@ def _add_hub_commands(subparsers: argparse._SubParsersAction) -> None:
     pull.set_defaults(func=run_pull)
 
 
+# ------------------------------------------------------------------------------------------------------------ serve
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    """``clr-timm serve``: load the backbone and tasks (checked) and serve them over HTTP until interrupted."""
+    import os
+
+    try:
+        import uvicorn
+
+        from .serve import create_app, load_model
+    except ImportError as e:
+        missing = f"clr-timm serve needs the 'serve' extra ({e.name} is missing): pip install 'clr-timm[serve]'"
+        raise CLRError(missing) from None
+    tasks = [t for t in args.tasks.split(",") if t] if args.tasks else None
+    hub_kwargs = {"revision": args.revision} if args.revision else {}
+    mt = load_model(args.source, tasks, base_weights=args.base_weights, **hub_kwargs)  # checked before serving
+    size = (3, args.input_size, args.input_size) if args.input_size else None
+    app = create_app(
+        mt,
+        max_batch_size=args.max_batch_size,
+        max_wait_ms=args.max_wait_ms,
+        mode=args.batching,
+        admin_token=args.admin_token or os.environ.get("CLR_TIMM_ADMIN_TOKEN") or None,
+        max_upload_bytes=args.max_upload_mb * 1024 * 1024,
+        data_config={"input_size": size} if size else None,
+    )
+    print(f"serving {len(mt.tasks)} tasks on http://{args.host}:{args.port}", file=sys.stderr)
+    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    return 0
+
+
+def _add_serve_command(subparsers: argparse._SubParsersAction) -> None:
+    serve = subparsers.add_parser(
+        "serve",
+        help="serve a folder's or Hub repo's tasks over HTTP, batching requests across tasks",
+        description="Load the backbone the adapters record (or --base-weights), check it against their fingerprint, "
+        "and serve every task over HTTP: POST /v1/tasks/TASK/predict (multipart field 'image'), GET /v1/tasks, "
+        "/healthz, /metrics (Prometheus), and token-protected /v1/admin/tasks. Needs clr-timm[serve].",
+    )
+    serve.add_argument("source", metavar="SOURCE", help="save_pretrained folder, 'hf-hub:org/name' or adapter file")
+    serve.add_argument("--tasks", help="comma-separated tasks to serve (default: all)")
+    serve.add_argument("--revision", help="branch, tag or commit of a Hub repo")
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (%(default)s)")
+    serve.add_argument("--port", type=int, default=8000, help="port (%(default)s)")
+    serve.add_argument("--max-batch-size", type=int, default=32, help="most requests per forward (%(default)s)")
+    serve.add_argument(
+        "--max-wait-ms", type=float, default=5.0, help="how long a request waits for a batch (%(default)s)"
+    )
+    serve.add_argument(
+        "--batching",
+        choices=["cross-task", "same-task", "none"],
+        default="cross-task",
+        help="group any tasks, one task per batch, or no batching (%(default)s)",
+    )
+    serve.add_argument(
+        "--base-weights",
+        metavar="FILE",
+        help="backbone weights (timm state_dict .safetensors, or checkpoint .pth/.pth.tar) instead of downloading",
+    )
+    serve.add_argument(
+        "--admin-token",
+        help="bearer token of the admin routes (default: $CLR_TIMM_ADMIN_TOKEN, which other users cannot see in ps; "
+        "none: admin routes disabled)",
+    )
+    serve.add_argument("--max-upload-mb", type=int, default=10, help="largest request body in MiB (%(default)s)")
+    serve.add_argument("--input-size", type=int, help="square input size instead of the base model's")
+    serve.set_defaults(func=run_serve)
+
+
+# ---------------------------------------------------------------------------------------------------------- extract
+
+
+def run_extract(args: argparse.Namespace) -> int:
+    """``clr-timm extract``: a timm training checkpoint's adapter, as an adapter file; prints its path."""
+    from .checkpoint import extract_adapter
+
+    config = CLRConfig.from_json(args.config) if args.config else None
+    path = extract_adapter(
+        args.checkpoint,
+        args.output,
+        ema=args.ema,
+        task=args.task,
+        base_weights=args.base_weights,
+        model=args.model,
+        num_classes=args.num_classes,
+        config=config,
+        dtype=args.dtype,
+        overwrite=args.overwrite,
+    )
+    print(path)
+    return 0
+
+
+def _add_extract_command(subparsers: argparse._SubParsersAction) -> None:
+    extract = subparsers.add_parser(
+        "extract",
+        help="the adapter a timm train.py run saved in its checkpoint, as an adapter file",
+        description="Read a checkpoint written by timm's train.py with clr_timm.attach(model) inserted after "
+        "create_model (model_best.pth.tar, last.pth.tar, checkpoint-N.pth.tar, or a plain state_dict) without running "
+        "any code in it, rebuild the model from the run's arguments, check its frozen backbone against --base-weights, "
+        "and write the adapter, recording the base model it was trained on.",
+    )
+    extract.add_argument("checkpoint", help="timm checkpoint (.pth.tar) or state_dict")
+    extract.add_argument("-o", "--output", required=True, help="adapter file to write (.safetensors)")
+    ema = extract.add_mutually_exclusive_group()
+    ema.add_argument("--ema", action="store_true", default=None, help="the EMA weights (state_dict_ema)")
+    ema.add_argument("--no-ema", dest="ema", action="store_false", help="the trained weights (state_dict)")
+    extract.add_argument("--task", help="task name to record")
+    extract.add_argument(
+        "--base-weights",
+        metavar="FILE",
+        help="weights the run started from (safetensors, timm checkpoint): checked against the checkpoint's backbone "
+        "and recorded by SHA-256 (default: the run's --pretrained-path / --initial-checkpoint, if any)",
+    )
+    extract.add_argument("--model", help="timm model name, for a checkpoint without timm's training arguments")
+    extract.add_argument("--num-classes", type=int, help="classes of the head (default: the run's)")
+    extract.add_argument("--config", help="the CLRConfig the run attached with, as JSON (default: detected)")
+    extract.add_argument("--dtype", choices=["fp32", "fp16", "bf16"], help="storage dtype (default: the model's)")
+    extract.add_argument("--overwrite", action="store_true", help="replace a file holding another task's adapter")
+    extract.set_defaults(func=run_extract)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``clr-timm`` argument parser, with one subcommand per verb."""
     parser = argparse.ArgumentParser(
@@ -348,6 +475,8 @@ def build_parser() -> argparse.ArgumentParser:
     info.set_defaults(func=run_info)
 
     _add_hub_commands(subparsers)
+    _add_extract_command(subparsers)
+    _add_serve_command(subparsers)
     return parser
 
 

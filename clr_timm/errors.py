@@ -22,6 +22,7 @@ __all__ = [
     "HubRevisionNotFoundError",
     "TaskNotFoundError",
     "HubOfflineError",
+    "RequestError",
     "shown",
     "printable",
 ]
@@ -96,3 +97,13 @@ class TaskNotFoundError(HubError):
 
 class HubOfflineError(HubError):
     """The Hub cannot be reached (or offline mode is on) and what was asked for is not in the local cache."""
+
+
+class RequestError(CLRError):
+    """A request the HTTP server (:mod:`clr_timm.serve`) refuses: ``status`` is the HTTP status, ``code`` a short
+    machine-readable name, and the message names the problem."""
+
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code

@@ -62,11 +62,11 @@ def _norm_kinds() -> dict[Callable, tuple[str, bool]]:
     return kinds
 
 
-def _per_sample(tensors: list[torch.Tensor], inv: torch.Tensor) -> torch.Tensor:
-    """Stack the tensors of the tasks present (U, ...) and pick each sample's: (B, ...)."""
+def _per_sample(stacked: torch.Tensor, inv: torch.Tensor) -> torch.Tensor:
+    """From the tensors of the tasks present (U, ...), pick each sample's: (B, ...)."""
     # index_select rather than [inv]: on CPU, advanced indexing goes multi-threaded on far smaller inputs, and waking
     # the threads costs more than the copy (measured ~90 us vs ~4 us for a (32, 240) gather)
-    return torch.stack(tensors).index_select(0, inv)
+    return stacked.index_select(0, inv)
 
 
 def _check_batch(x: torch.Tensor, inv: torch.Tensor, where: str) -> None:
@@ -78,15 +78,13 @@ def _check_batch(x: torch.Tensor, inv: torch.Tensor, where: str) -> None:
 
 
 def _layer_per_sample(
-    where: str, t: dict[str, list[torch.Tensor]], inv: torch.Tensor, layer: nn.Module, inner, *inputs: torch.Tensor
+    where: str, t: dict[str, torch.Tensor], inv: torch.Tensor, layer: nn.Module, inner, *inputs: torch.Tensor
 ) -> torch.Tensor:
     _check_batch(inputs[0], inv, where)
     return layer.forward_per_sample({name: _per_sample(tensors, inv) for name, tensors in t.items()}, *inputs)
 
 
-def _affine(
-    y: torch.Tensor, t: dict[str, list[torch.Tensor]], inv: torch.Tensor, shape: tuple[int, ...]
-) -> torch.Tensor:
+def _affine(y: torch.Tensor, t: dict[str, torch.Tensor], inv: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
     if "weight" in t and "bias" in t:  # one pass over y
         return torch.addcmul(_per_sample(t["bias"], inv).view(shape), y, _per_sample(t["weight"], inv).view(shape))
     if "weight" in t:
@@ -96,7 +94,7 @@ def _affine(
     return y
 
 
-def _bn_per_sample(m: nn.Module, t: dict[str, list[torch.Tensor]], inv: torch.Tensor, x: torch.Tensor):
+def _bn_per_sample(m: nn.Module, t: dict[str, torch.Tensor], inv: torch.Tensor, x: torch.Tensor):
     b = x.shape[0]
     if x.is_contiguous() and x.ndim > 2:
         # The samples' channels side by side as one sample of B x C channels: one eval batch_norm with each sample's
@@ -108,12 +106,12 @@ def _bn_per_sample(m: nn.Module, t: dict[str, list[torch.Tensor]], inv: torch.Te
         y = F.batch_norm(xs, per("running_mean"), per("running_var"), per("weight"), per("bias"), False, 0.0, m.eps)
         return y.view_as(x)
     # Eval BatchNorm is the per-channel affine x * a + c, a = w / sqrt(var + eps), c = bias - mean * a.
-    a = 1.0 / torch.sqrt(torch.stack(t["running_var"]) + m.eps)
+    a = 1.0 / torch.sqrt(t["running_var"] + m.eps)
     if "weight" in t:
-        a = a * torch.stack(t["weight"])
-    c = -torch.stack(t["running_mean"]) * a
+        a = a * t["weight"]
+    c = -t["running_mean"] * a
     if "bias" in t:
-        c = c + torch.stack(t["bias"])
+        c = c + t["bias"]
     shape = (b, x.shape[1]) + (1,) * (x.ndim - 2)
     return x * a.index_select(0, inv).view(shape) + c.index_select(0, inv).view(shape)
 
@@ -122,7 +120,7 @@ def _norm_per_sample(
     where: str,
     family: str,
     act: bool,
-    t: dict[str, list[torch.Tensor]],
+    t: dict[str, torch.Tensor],
     inv: torch.Tensor,
     m: nn.Module,
     inner,
@@ -192,9 +190,9 @@ class _MixedHead(nn.Module):
 
 
 def _per_sample_forward(
-    where: str, m: nn.Module, kind: str, t: dict[str, list[torch.Tensor]], inv: torch.Tensor, groups, slots
+    where: str, m: nn.Module, kind: str, t: dict[str, torch.Tensor], inv: torch.Tensor, groups, slots
 ) -> Callable:
-    """The per-sample forward of one module whose adapter tensors are ``t`` (name -> one tensor per task)."""
+    """The per-sample forward of one module whose adapter tensors are ``t`` (name -> (U, ...): one per task)."""
     if kind == "clr":
         return functools.partial(_layer_per_sample, where, t, inv)
     family = _norm_kinds().get(type(m).forward)
@@ -207,7 +205,7 @@ def _per_sample_forward(
         )
     if family is not None and not getattr(m, "_fast_norm", False):
         return functools.partial(_norm_per_sample, where, family[0], family[1], t, inv)
-    per_task = [list(ts) for ts in zip(*(t[s.attr] for s in slots))]
+    per_task = [list(ts) for ts in zip(*(t[s.attr].unbind(0) for s in slots))]
     return functools.partial(_norm_per_task, where, slots, per_task, inv, groups)
 
 
@@ -221,6 +219,9 @@ def mixed_batch(binding: Binding, adapters: list[TaskAdapter], inv: torch.Tensor
         inv: For each sample, the index of its task in ``adapters``.
     """
     groups = [torch.nonzero(inv == u).squeeze(1) for u in range(len(adapters))]
+    # Each task's storage is one flat tensor per dtype: stack them once, every slot is a (U, ...) view of that.
+    stacked = [torch.stack(flats) for flats in zip(*(a._flats for a in adapters))]
+    u = len(adapters)
     by_module: dict[int, list[int]] = {}
     for i in range(len(binding.slots)):
         by_module.setdefault(id(binding.owners[i]), []).append(i)
@@ -232,13 +233,16 @@ def mixed_batch(binding: Binding, adapters: list[TaskAdapter], inv: torch.Tensor
         for indices in by_module.values():
             m, first = binding.owners[indices[0]], binding.slots[indices[0]]
             slots = [binding.slots[i] for i in indices]
-            t = {binding.slots[i].attr: [a.tensors_of(i, binding.slots[i]) for a in adapters] for i in indices}
+            t = {s.attr: stacked[s.group][:, s.start : s.start + s.numel].view(u, *s.shape) for s in slots}
             forward = _per_sample_forward(first.module, m, first.kind, t, inv, groups, slots)
             override_forward(m, _OWNER, forward)
             overridden.append(m)
         for j, (path, parent) in enumerate(zip(binding.head_paths, binding.head_parents)):
             child = split(path)[1]
-            task_heads = [a._head_owners[j]._modules[child] for a in adapters]
+            task_heads = [a.heads()[j] for a in adapters]
+            for head in task_heads:
+                if head.training:  # a head keeps the mode of when it was last bound; mixed batches are eval only
+                    head.train(False)
             heads.append((parent, child, parent._modules[child]))
             parent._modules[child] = _MixedHead(task_heads, groups)
         yield

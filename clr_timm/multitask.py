@@ -1,14 +1,22 @@
 """Many tasks on one frozen backbone: switch tasks by pointer, and serve batches that mix tasks in one pass.
 
 :class:`MultiTaskModel` wraps an attached timm model and is the registry of its tasks. Each task owns a
-:class:`~clr_timm.binding.TaskAdapter`: one tensor for every tensor a single-task adapter holds (reprogramming layers,
-per-task norm affines and BatchNorm statistics) and its own head module, of any size. Design choices:
+:class:`~clr_timm.binding.TaskAdapter`: everything a single-task adapter holds (reprogramming layers, per-task norm
+affines and BatchNorm statistics) in one flat tensor per dtype, and its own head module, of any size. Design choices:
+
+- **A thousand tasks cost their bytes.** A task is a flat tensor and a head, a few dozen Python objects: memory
+  stays within a few percent of the adapters' size, adding a task takes milliseconds and causes no long
+  garbage-collection passes, ``eval()`` / ``train()`` set the shared model only, and saving k tasks into a folder
+  reads and writes k tasks' files (``benchmarks/many_tasks.py``). The per-slot tensors a bound model points at are
+  views of the flat storage, made when a task is bound and kept for the last few tasks bound and for every task whose
+  Parameters were handed out (``set_task``, ``trainable_parameters``, ``parameters()``), so that an optimizer's
+  Parameters stay the task's own.
 
 - **The model stays a plain attached timm model.** Only one task is ever *bound* into it (:mod:`clr_timm.binding`
   re-points the model's adapter slots at the task's tensors; no data moves), so :meth:`MultiTaskModel.set_task` takes
   microseconds and a single-task forward is exactly the attached model's forward (bit-identical to
   :func:`~clr_timm.load_adapter` of the same file).
-- **Isolation by construction.** Every task's tensors are distinct objects. Training runs on the bound task's
+- **Isolation by construction.** Every task's tensors are its own storage. Training runs on the bound task's
   tensors only: its Parameters are the only ones with ``requires_grad=True`` (so ``[p for p in mt.parameters() if
   p.requires_grad]`` is safe), and BatchNorm in train mode updates the bound task's running statistics in place. No
   other task's bits can change.
@@ -39,6 +47,7 @@ import functools
 import math
 import os
 import threading
+from collections import OrderedDict
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -109,9 +118,17 @@ def _same_object(obj: Any) -> Any:
     return obj
 
 
-def _set_requires_grad(params: list[nn.Parameter], flag: bool) -> None:
-    for p in params:
-        p.requires_grad = flag
+def _set_requires_grad(adapter: TaskAdapter, flag: bool) -> None:
+    """Flip a task's Parameters, those it has made (a task whose per-slot tensors are not made has none to flip)."""
+    for v in adapter._views or ():
+        if isinstance(v, nn.Parameter):
+            v.requires_grad = flag
+    for head in adapter.heads():
+        head.requires_grad_(flag)
+
+
+_RECENT = 8
+"""How many recently bound tasks keep their per-slot tensors (switching back to one of them makes none)."""
 
 
 def _sample_tasks(mt: MultiTaskModel, x: torch.Tensor, tasks: Sequence[str] | TaskOracle) -> list[str]:
@@ -217,6 +234,7 @@ class TaskSet(nn.Module):
         self._binding = Binding(model)
         self._bound_task: str | None = None  # whose tensors the model's slots point at (None: the model's own)
         self._current: str | None = None  # the task forward uses and training changes
+        self._recent: OrderedDict[str, None] = OrderedDict()  # tasks bound lately, the latest last
         _register_state_dict_hooks(self)
         if task is not None:
             self._check_name(task)
@@ -238,6 +256,7 @@ class TaskSet(nn.Module):
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
         self._lock = threading.RLock()
+        self._refresh()  # the copied tasks hold their flat storage only: bind the bound one's views anew
 
     def __deepcopy__(self, memo: dict) -> TaskSet:
         # Under the lock: a mixed batch in another thread installs per-sample forwards on the shared model for the
@@ -293,7 +312,6 @@ class TaskSet(nn.Module):
 
     def _register(self, name: str, adapter: TaskAdapter) -> None:
         self.adapters._modules[name] = adapter  # not add_module: a task may be called "train" or "items"
-        self._binding.register(adapter)
 
     @_locked
     def add_task(
@@ -310,10 +328,15 @@ class TaskSet(nn.Module):
         Returns:
             The task's :class:`~clr_timm.binding.TaskAdapter`. The first task added becomes the current one.
         """
+        return self._add_task(name, num_classes, label_names, init=True)
+
+    def _add_task(
+        self, name: str, num_classes: int | None, label_names: list[str] | None, *, init: bool
+    ) -> TaskAdapter:
         self._check_name(name)
         if name in self.adapters:
             raise CLRError(f"task {name!r} already exists; remove_task({name!r}) first to replace it")
-        adapter = self._binding.fresh(num_classes, label_names)
+        adapter = self._binding.fresh(num_classes, label_names, init=init)
         self._register(name, adapter)
         if self._current is None:
             self.set_task(name)
@@ -323,8 +346,9 @@ class TaskSet(nn.Module):
     def remove_task(self, name: str) -> None:
         """Forget a task. Removing the current task leaves no current task until :meth:`set_task`."""
         adapter = self._adapter(name)
-        _set_requires_grad(adapter._params, False)
+        _set_requires_grad(adapter, False)
         del self.adapters[name]
+        self._recent.pop(name, None)
         if self._current == name:
             self._current = None
         if self._bound_task == name:
@@ -338,14 +362,19 @@ class TaskSet(nn.Module):
         """
         adapter = self._adapter(name)
         if self._current is not None and self._current != name:
-            _set_requires_grad(self.adapters[self._current]._params, False)
+            _set_requires_grad(self.adapters[self._current], False)
+        adapter.pin()  # what training holds (an optimizer's Parameters) stays the task's own for good
         self._bind(name)
-        _set_requires_grad(adapter._params, True)
+        _set_requires_grad(adapter, True)
         self._current = name
 
     def _bind(self, name: str) -> None:
         self._binding.bind(self.adapters[name])
         self._bound_task = name
+        self._recent[name] = None
+        self._recent.move_to_end(name)
+        while len(self._recent) > _RECENT:
+            self.adapters[self._recent.popitem(last=False)[0]].release()
 
     @contextmanager
     def _bound(self, name: str) -> Iterator[None]:
@@ -372,18 +401,31 @@ class TaskSet(nn.Module):
         return self
 
     def _refresh(self) -> None:
-        """After tensors may have been replaced (conversion, ``load_state_dict(assign=True)``): re-point and re-flag."""
-        for name, adapter in self.adapters.items():
-            adapter._params = list(adapter.parameters())
-            _set_requires_grad(adapter._params, name == self._current)
+        """After tensors may have been replaced (conversion, ``load_state_dict(assign=True)``, a copy): re-point
+        the model at the bound task and re-flag the current one."""
         if self._bound_task is not None:
             self._bind(self._bound_task)
+        if self._current is not None:
+            _set_requires_grad(self.adapters[self._current], True)
 
+    def train(self, mode: bool = True) -> TaskSet:
+        """Train or eval mode for the shared model; a task's head takes the model's mode when it is bound.
+
+        Takes the same time whatever the number of tasks (``nn.Module.train`` would visit every task's modules).
+        """
+        if not isinstance(mode, bool):
+            raise CLRError(f"train(mode) takes a bool, got {type(mode).__name__}")
+        self.training = mode
+        self.model.train(mode)
+        return self
+
+    @_locked
     def trainable_parameters(self, task: str | None = None) -> list[nn.Parameter]:
         """The Parameters of one task (default: the current one), for an optimizer's param groups."""
         name = task if task is not None else self._require_current()
-        return list(self._adapter(name)._params)
+        return list(self._adapter(name).parameters())
 
+    @_locked
     def adapter_state_dict(self, task: str | None = None) -> dict[str, torch.Tensor]:
         """One task's adapter (default: the current one), keyed as in the plain model's state_dict."""
         name = task if task is not None else self._require_current()
@@ -540,7 +582,7 @@ class MultiTaskModel(TaskSet):
     @_locked
     def _load(self, name: str, adapter: AdapterFile) -> str:
         num_classes = adapter.num_classes if self.config.train_head else None
-        created = self.add_task(name, num_classes, label_names=adapter.label_names)
+        created = self._add_task(name, num_classes, adapter.label_names, init=False)  # every tensor is loaded next
         try:
             multitask_io.copy_into(created, adapter, name)
         except BaseException:

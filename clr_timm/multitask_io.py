@@ -8,6 +8,7 @@ which see the wrapped model and what binds a task into it, never the class itsel
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import tempfile
 from collections.abc import Callable, Mapping, Sequence
@@ -18,9 +19,11 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adapter import ADAPTER_FILE, AdapterFile, extract_adapter, validate_adapter, write_adapter
+from .adapter import ADAPTER_FILE, AdapterFile, backbone_fingerprint, extract_adapter, validate_adapter, write_adapter
+from .attach import plan_targets
+from .binding import TaskAdapter
 from .card import CARD_FILE, model_license, write_local_card, write_task_folder
-from .count import count_parameters
+from .count import ParameterCount, count_parameters
 from .errors import AdapterMismatchError, CLRError
 from .hub import list_tasks, push_folder
 from .save_load import read_source
@@ -67,14 +70,24 @@ def save_tasks(
     dtype: str | torch.dtype | None = None,
     overwrite: bool = False,
 ) -> Path:
-    """Write each task (name -> label names) into ``folder/<task>/``, bound in turn, then the folder's card."""
+    """Write each task (name -> label names) into ``folder/<task>/``, bound in turn, then the folder's card once.
+
+    The card is updated from what was just written (other tasks keep their rows), so the time is linear in the number
+    of tasks saved, not in the number of tasks in the folder.
+    """
     folder = Path(folder)
+    license = model_license(model)
+    counts: dict[int | None, ParameterCount] = {}  # tasks differ in their head's size only
+    written = []
+    fingerprint = None  # computed once: the tasks differ only in what the fingerprint leaves out
     for name, labels in tasks.items():
         with bind(name):
-            adapter = extract_adapter(model, task=name, dtype=dtype, label_names=labels)
-            count = count_parameters(model)
-            write_task_folder(adapter, folder, name, count=count, license=model_license(model), overwrite=overwrite)
-    write_local_card(folder)
+            fingerprint = fingerprint or backbone_fingerprint(model)
+            adapter = extract_adapter(model, task=name, dtype=dtype, label_names=labels, _fingerprint=fingerprint)
+            size = getattr(model, "num_classes", None)
+            count = counts[size] if size in counts else counts.setdefault(size, count_parameters(model))
+            written.append(write_task_folder(adapter, folder, name, count=count, license=license, overwrite=overwrite))
+    write_local_card(folder, written)
     return folder
 
 
@@ -114,6 +127,31 @@ def read_task(
     return name or _name_of(adapter, task), adapter
 
 
+def _same_backbone(model: nn.Module, adapter: AdapterFile, fingerprints: dict[str, str | None]) -> bool:
+    """Whether ``adapter`` records ``model``'s backbone fingerprint, the model's computed once per config (it covers
+    the tensors the config leaves frozen) and then compared as a string: loading N adapters hashes the backbone once."""
+    if not adapter.backbone_fingerprint:
+        return True
+    key = repr(adapter.config)
+    if key not in fingerprints:
+        fingerprints[key] = backbone_fingerprint(model, _plan=plan_targets(model, adapter.config))
+    mine = fingerprints[key]
+    return mine is None or mine == adapter.backbone_fingerprint
+
+
+def _fit_key(adapter: AdapterFile) -> tuple:
+    """Everything :func:`~clr_timm.validate_adapter` can look at but the values: two adapters with the same key pass
+    or fail the same checks against one model (the task, its label names and the file's path aside; the raw metadata
+    is what the other fields were parsed from)."""
+    meta = tuple(
+        (f.name, repr(getattr(adapter, f.name)))
+        for f in dataclasses.fields(adapter)
+        if f.name not in ("tensors", "path", "task", "label_names", "metadata")  # metadata: the others, as text
+    )
+    specs = tuple((k, t.shape, t.is_floating_point()) for k, t in adapter.tensors.items())  # in file order
+    return meta + specs
+
+
 def _read_all(
     model: nn.Module,
     items: list[tuple[str | None, str | os.PathLike, str | None]],
@@ -123,19 +161,27 @@ def _read_all(
     """(name, source, task) -> (name, adapter), every one read and checked before any is used."""
     if not items:
         raise CLRError("no adapters given")
+    fingerprints: dict[str, str | None] = {}
+    checked: set[tuple] = set()
     loaded: list[tuple[str, AdapterFile]] = []
+    names: set[str] = set()
     for name, source, task in items:
         adapter = read_source(source, task=task, **hub_kwargs)
         name = name or _name_of(adapter, task)
-        if name in (n for n, _ in loaded):
+        if name in names:
             raise CLRError(f"two adapters for task {name!r}; name them with a dict {{name: source}}")
         if loaded and adapter.config != loaded[0][1].config:
             raise AdapterMismatchError(
                 f"{adapter.path} was made with {adapter.config}, but {loaded[0][1].path} with "
                 f"{loaded[0][1].config}: one MultiTaskModel serves adapters of one config"
             )
-        validate_adapter(model, adapter, check_backbone=check_backbone)
+        same = _same_backbone(model, adapter, fingerprints)
+        key = _fit_key(adapter)
+        if not same or key not in checked:
+            validate_adapter(model, adapter, check_backbone=check_backbone and not same)  # a mismatch raises there
+            checked.add(key)
         loaded.append((name, adapter))
+        names.add(name)
     return loaded
 
 
@@ -180,12 +226,12 @@ def read_pretrained(
     return _read_all(model, [(t, source, t) for t in names], check_backbone, hub_kwargs)
 
 
-def copy_into(task_adapter: nn.Module, adapter: AdapterFile, name: str) -> None:
-    """Copy an adapter's tensors into a new task's module (its state_dict has the file's keys)."""
-    tensors = task_adapter.state_dict(keep_vars=True)
-    differ = sorted(set(tensors) ^ set(adapter.tensors))
+def copy_into(task_adapter: TaskAdapter, adapter: AdapterFile, name: str) -> None:
+    """Copy an adapter's tensors into a new task (whose state_dict has the file's keys)."""
+    shapes = {s.key: s.shape for s in task_adapter._slots}
+    shapes.update({k: tuple(t.shape) for k, t in task_adapter.head_tensors().items()})
+    differ = sorted(set(shapes) ^ set(adapter.tensors))
+    differ += sorted(k for k, t in adapter.tensors.items() if k in shapes and tuple(t.shape) != shapes[k])
     if differ:
         raise AdapterMismatchError(f"{adapter.path}: tensor {differ[0]!r} does not fit task {name!r}")
-    with torch.no_grad():
-        for k, v in adapter.tensors.items():
-            tensors[k].copy_(v)
+    task_adapter.copy_from(adapter.tensors)

@@ -114,8 +114,8 @@ def save_pretrained(
     Returns:
         The task's folder.
     """
-    _save_task(model, Path(folder), task, dtype, label_names, overwrite)
-    write_local_card(Path(folder))
+    written = _save_task(model, Path(folder), task, dtype, label_names, overwrite)
+    write_local_card(Path(folder), [written])
     return Path(folder) / task if task is not None else Path(folder)
 
 
