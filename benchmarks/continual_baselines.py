@@ -37,6 +37,20 @@ and the ablation table ``continual_ablations.{md,json}`` (500 training images pe
     OMP_WAIT_POLICY=PASSIVE python -m benchmarks.continual_baselines --methods ablations --max-train 500 \\
         --name continual_ablations
 
+The placement study on depthwise-separable nets (``--methods placement``: every preset of ``clr_timm.PRESETS``, the
+depthwise policies, norm + head, SupSup, LoRA, full fine-tuning; ``benchmarks/results/continual_placement_*``, what
+``CLRConfig.recommended`` rests on; ``benchmarks/placement_summary.py`` makes the choice and checks the goal)::
+
+    python -m benchmarks.continual_baselines --methods placement --tasks animal_mnist elpv uci_digits \\
+        --image-size 32 --max-train 160 --max-test 200 --epochs 4 --seeds 0 1 2 --threads 1 \\
+        --model tf_efficientnet_lite0 --name continual_placement_lite0
+
+and its validation run (``--max-train 240 --validation 0.3333``: 160 training images as above, 80 held out)::
+
+    python -m benchmarks.continual_baselines --methods placement --tasks animal_mnist elpv uci_digits \\
+        --image-size 32 --max-train 240 --validation 0.3333 --max-test 200 --epochs 4 --threads 1 \\
+        --name continual_placement_val_lite0
+
 Tune on held-out training images instead of the test set (what the learning rates came from)::
 
     python -m benchmarks.continual_baselines --validation 0.33 --tasks animal_mnist elpv --max-train 600 \\
@@ -138,6 +152,17 @@ def _with(cls: Callable[..., cl.Strategy], *args, replay: bool = False, **kw) ->
 _FROZEN_STATS = {"update_norm_stats": False}
 _SHARED_LR = 3e-3  # full fine-tuning's tuned rate: every method that trains the shared backbone uses it
 _EWC_LAMBDA, _SI_C, _REPLAY_PER_TASK, _SUPSUP_DENSITY = 1e5, 1e7, 50, 0.5  # held-out search: README
+# The authors' other placements (clr_timm.config.PRESETS, ours names), each with pretrained BatchNorm statistics like
+# the recipe: after 1x1 convs too, a per-channel scale after 1x1 convs, the gated block, the parallel dense 1x1 block.
+_PLACEMENT_PRESETS = {
+    "clr_full": ("clr-full", "CLR after 1x1 convs too (clr-full, Ghost)"),
+    "clr_pointwise_scale": (
+        "clr-pointwise-scale",
+        "CLR + scale after 1x1 convs (clr-pointwise-scale, Ghost_reduced_v2)",
+    ),
+    "clr_gated": ("clr-gated", "CLR gated (clr-gated, Ghost_a)"),
+    "parallel_1x1": ("parallel-1x1", "parallel dense 1x1 beside every conv (parallel-1x1, li18 / li50)"),
+}
 METHODS: dict[str, Method] = {
     m.key: m
     for m in (
@@ -154,6 +179,10 @@ METHODS: dict[str, Method] = {
         ),
         Method(
             "clr_skip", "CLR, depthwise=skip", "clr", 5e-3, config=clr_timm.CLRConfig(depthwise="skip", **_FROZEN_STATS)
+        ),
+        *(
+            Method(key, label, "clr", 2e-3, config=clr_timm.CLRConfig.preset(preset, **_FROZEN_STATS))
+            for key, (preset, label) in _PLACEMENT_PRESETS.items()
         ),
         Method("full", "full fine-tuning per task", "full", _SHARED_LR),
         Method("sequential", "sequential fine-tuning, shared backbone", "cl", _SHARED_LR, strategy=_with(cl.Strategy)),
@@ -205,6 +234,9 @@ GROUPS: dict[str, list[str]] = {
         *("clr", "probe", "full", "sequential", "ewc", "oewc", "si", "lwf", "er", "derpp", "supsup", "supsup_frozen_bn")
     ],
     "ablations": ["probe", "norm_head", "clr", "clr_paper_bn", "clr_scale", "clr_skip", "full", "sequential", "lora"],
+    "placement": [
+        *("norm_head", "clr", "clr_scale", "clr_skip", *_PLACEMENT_PRESETS, "supsup_frozen_bn", "lora", "full")
+    ],
     "all": list(METHODS),
 }
 """Named sets of methods for ``--methods``; ``cl`` is the default."""
@@ -676,8 +708,6 @@ def merge(args: argparse.Namespace, argv: Iterable[str] | None) -> list[MethodRe
     first = runs[0]["settings"]
     same = ("tasks", "epochs", "image_size", "max_train", "max_test", "batch_size", "model", "validation")
     for path, run in zip(args.merge, runs, strict=True):
-        if not run.get("finished", True):
-            raise SystemExit(f"{path} is from a run that did not finish")
         differs = [k for k in same if run["settings"].get(k) != first.get(k)]
         if differs:
             raise SystemExit(f"{path} differs from {args.merge[0]} in {', '.join(differs)}: not the same benchmark")
@@ -694,7 +724,9 @@ def merge(args: argparse.Namespace, argv: Iterable[str] | None) -> list[MethodRe
     recipe = Recipe(**first["recipe"])
     tasks = [(t["name"], t["train"], t["eval"]) for t in runs[0]["tasks"]]
     sources = "; ".join(
-        f"`python -m benchmarks.continual_baselines {' '.join(_argv_of(run))}` ({run['wall_seconds'] / 60:.0f} min)"
+        f"`python -m benchmarks.continual_baselines {' '.join(_argv_of(run))}` ({run['wall_seconds'] / 60:.0f} min"
+        + ("" if run.get("finished", True) else f", stopped after its first {len(run['results'])} runs, kept")
+        + ")"
         for run in runs
     )
     provenance = (

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from benchmarks import continual_baselines
+import clr_timm
+from benchmarks import continual_baselines, long_sequence
 
 
 def test_baselines_benchmark_measures_forgetting_per_method(tmp_path):
@@ -79,3 +80,25 @@ def test_runs_of_single_seeds_merge_into_one_table_and_mismatches_are_refused(tm
         with pytest.raises(SystemExit, match=error):
             files = [str(tmp_path / f"{name}.json") for name in pair]
             continual_baselines.main(["--merge", *files, "--out", str(tmp_path), "--name", "bad"])
+
+
+def test_placement_group_holds_every_preset_every_depthwise_policy_and_the_baselines():
+    methods = continual_baselines.parse_args(["--methods", "placement", "--tasks", "uci_digits"]).methods
+    configs = [continual_baselines.METHODS[k].config for k in methods if continual_baselines.METHODS[k].kind == "clr"]
+    for preset in ("clr", "clr-full", "clr-pointwise-scale", "clr-gated", "parallel-1x1"):
+        assert clr_timm.CLRConfig.preset(preset, update_norm_stats=False) in configs, preset
+    assert {c.depthwise for c in configs if c.layer == "clr"} == {"clr", "scale", "skip"}
+    assert {"norm_head", "supsup_frozen_bn", "lora", "full"} <= set(methods)
+
+
+def test_long_sequence_has_at_least_15_pip_tasks_of_relabelled_class_subsets():
+    pip_only = ["mnist", "animal_mnist", "elpv", "uci_digits", "lfw_faces"]
+    spec = long_sequence.sequence_spec(pip_only)
+    assert len(spec) >= 15 and len({name for name, *_ in spec}) == len(spec)
+    assert all(source in pip_only for _, source, _, _ in spec)
+    y = torch.tensor([0, 1, 2, 3, 4, 5, 2, 3])
+    x = torch.arange(8).view(8, 1, 1).expand(8, 2, 2)
+    xs, ys = long_sequence._subset(x, y, (2, 3), None, 0)
+    assert ys.tolist() == [0, 1, 0, 1] and xs[:, 0, 0].tolist() == [2, 3, 6, 7]
+    xs, ys = long_sequence._subset(x, y, None, 4, 0)
+    assert len(ys) == 4 and len(set(xs[:, 0, 0].tolist())) == 4

@@ -107,3 +107,11 @@ def test_quick_flag_only_fills_what_was_not_given():
     assert args.epochs == 3 and args.image_size == 32 and args.tasks == list(continual.QUICK_TASKS)
     defaults = continual.parse_args([])
     assert defaults.tasks == continual.default_tasks() and defaults.epochs == continual.Recipe.epochs
+
+
+def test_the_default_sequence_needs_only_what_pip_installs():
+    # README's main command installs .[examples] and examples/requirements-offline-nodeps.txt, nothing from apt:
+    # its five tasks must all come from those packages, so a fresh machine runs the README's five-task table.
+    pip_sources = {"animal_mnist", "mnist", "elpv", "uci_digits", "lfw_faces"}
+    assert len(continual.DEFAULT_TASKS) == 5 and set(continual.DEFAULT_TASKS) <= pip_sources
+    assert "fashion_mnist" in assets.TASKS  # still there for --tasks where its Debian package is installed
