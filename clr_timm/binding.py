@@ -258,6 +258,7 @@ class Binding:
         self.sizes = sizes
         self.split_sizes = [[s.numel for s in self.slots if s.group == g] for g in range(len(sizes))]
         self.owners = [modules[s.module] for s in self.slots]
+        self.first_slots = [next(i for i, s in enumerate(self.slots) if s.group == g) for g in range(len(sizes))]
         self.head_paths = list(plan.head) if plan.config.train_head else []
         self.head_parents = [modules[split(h)[0]] for h in self.head_paths]
         ancestors = {p for h in self.head_paths for p in _ancestors(h)}
@@ -294,8 +295,9 @@ class Binding:
     def _empty_flats(self) -> list[torch.Tensor]:
         """Uninitialised flat storage for one task, each group in the dtype and device its slots have now."""
         firsts = {}
-        for slot, owner in zip(self.slots, self.owners):
-            firsts.setdefault(slot.group, slot.table(owner)[slot.attr])
+        for i in self.first_slots:
+            slot = self.slots[i]
+            firsts[slot.group] = slot.table(self.owners[i])[slot.attr]
         return [torch.empty(n, dtype=firsts[g].dtype, device=firsts[g].device) for g, n in enumerate(self.sizes)]
 
     def adopt(self, num_classes: int | None, label_names: list[str] | None) -> TaskAdapter:

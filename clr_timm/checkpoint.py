@@ -103,6 +103,11 @@ def _check_pickle(path: Path) -> None:
 
 def _torch_load(path: Path, max_bytes: int) -> Any:
     """``torch.load`` with ``weights_only=True`` and :data:`TIMM_GLOBALS` allowed, every failure a CLRError."""
+    if not hasattr(torch.serialization, "get_unsafe_globals_in_checkpoint"):
+        raise CLRError(
+            f"reading a timm checkpoint without running its code needs torch >= 2.5 (torch.serialization's "
+            f"safe_globals and get_unsafe_globals_in_checkpoint); this is torch {torch.__version__}"
+        )
     if not path.is_file():
         raise CLRError(f"no checkpoint file at {shown(str(path))}")
     size = path.stat().st_size

@@ -42,8 +42,8 @@ from ._models import make_input, make_model, state_copy
 
 MODEL = "test_resnet"  # timm's own tiny test network: 377k parameters, a 35 kB adapter, 8 ms per load
 NUM_CLASSES = 3
-BYTE_CASES = 400
-CONTENT_CASES = 400
+BYTE_CASES = 250
+CONTENT_CASES = 250
 
 
 def _budget(cases: int) -> settings:
