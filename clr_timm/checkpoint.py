@@ -51,6 +51,7 @@ MAX_PICKLE_BYTES = 256 * 2**20
 """The largest pickle record inside a checkpoint (its non-tensor part: a timm checkpoint's is a few hundred kB)."""
 _ALLOWED = {f"{t.__module__}.{t.__qualname__}" for t in TIMM_GLOBALS}
 _ZIP_MAGIC, _PICKLE_MAGIC = b"PK\x03\x04", b"\x80"
+_WRAPPED = ("model", "model_ema")  # where checkpoints not written by timm keep their weights and their EMA
 
 
 @dataclass
@@ -161,6 +162,14 @@ def read_checkpoint(path: str | os.PathLike, *, max_bytes: int = MAX_CHECKPOINT_
             args=args if isinstance(args, argparse.Namespace) else None,
             epoch=epoch if isinstance(epoch, int) else None,
             metric=float(metric) if isinstance(metric, (int, float)) else None,
+        )
+    if isinstance(data, dict) and any(isinstance(data.get(k), dict) for k in _WRAPPED):
+        # Other training scripts (DeiT's, for one) keep the weights under "model" and their EMA under "model_ema".
+        trained, ema = (data.get(k) for k in _WRAPPED)
+        return TimmCheckpoint(
+            path=path,
+            state_dict=_tensors(trained if isinstance(trained, dict) else ema, "'model'", path),
+            state_dict_ema=_tensors(ema, "'model_ema'", path) if isinstance(ema, dict) else None,
         )
     return TimmCheckpoint(path=path, state_dict=_tensors(data, "the file", path))
 

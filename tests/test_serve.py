@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import io
 import socket
@@ -15,7 +16,7 @@ import numpy as np
 import pytest
 import timm
 import torch
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 import clr_timm
 from clr_timm import MultiTaskModel
@@ -319,6 +320,18 @@ def test_other_base_weights_are_refused_before_serving(zoo, capsys) -> None:
 
     assert main(["serve", str(zoo["zoo"]), "--base-weights", str(zoo["other"]), "--port", "1"]) == 2
     assert "are not the backbone the adapters were trained on" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("wrap", ["timm", "model"])
+def test_base_weights_from_a_training_checkpoint_serve_the_adapters_backbone(zoo, tmp_path, wrap) -> None:
+    weights = load_file(zoo["base"])
+    if wrap == "timm":  # what timm's train.py writes: its arguments as an argparse.Namespace beside the weights
+        payload = {"state_dict": weights, "args": argparse.Namespace(model="test_resnet"), "epoch": 3}
+    else:  # other training scripts: the weights under "model"
+        payload = {"model": {f"module.{k}": v for k, v in weights.items()}, "epoch": 3}
+    torch.save(payload, tmp_path / "base.pth.tar")
+    mt = serve.load_model(zoo["zoo"], base_weights=tmp_path / "base.pth.tar")  # checks the backbone's fingerprint
+    assert sorted(mt.tasks) == sorted(TASKS)
 
 
 def test_base_weights_that_do_not_fit_are_a_clear_error(zoo, tmp_path) -> None:

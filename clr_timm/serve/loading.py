@@ -2,21 +2,21 @@
 
 The backbone comes from the base model the first adapter records (``timm.create_model(name, pretrained=True)``,
 through timm's Hub cache), or, offline, from a weights file: a timm state_dict as safetensors, or a timm checkpoint
-(``.pth`` / ``.pth.tar``, read with ``torch.load(weights_only=True)``). Either way its fingerprint must equal the one
-the adapters record (:func:`~clr_timm.adapter.backbone_fingerprint`) before the server accepts a request.
+(``.pth`` / ``.pth.tar``, read by :func:`clr_timm.checkpoint.read_weights`: no pickled code is run). Either way
+its fingerprint must equal the one the adapters record (:func:`~clr_timm.adapter.backbone_fingerprint`) before the
+server accepts a request.
 """
 
 from __future__ import annotations
 
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
-import torch
 from torch import nn
 
 from ..adapter import AdapterFile, backbone_fingerprint
+from ..checkpoint import read_weights
 from ..errors import BackboneMismatchError, CLRError, printable, shown
 from ..hub import list_tasks
 from ..multitask import MultiTaskModel
@@ -24,8 +24,6 @@ from ..save_load import read_source
 from ..source import folder_tasks, parse_source
 
 __all__ = ["load_base_weights", "load_model"]
-
-_CHECKPOINT_KEYS = ("state_dict_ema", "model_ema", "state_dict", "model")
 
 
 def _first_adapter(source: str | os.PathLike, tasks: Sequence[str] | None, hub_kwargs: dict[str, Any]) -> AdapterFile:
@@ -45,24 +43,12 @@ def _first_adapter(source: str | os.PathLike, tasks: Sequence[str] | None, hub_k
 
 
 def load_base_weights(model: nn.Module, path: str | os.PathLike) -> nn.Module:
-    """Load a timm state_dict (safetensors) or checkpoint (``.pth``, ``.pth.tar``: no pickled code) into ``model``."""
-    path = Path(path)
-    if not path.is_file():
-        raise CLRError(f"base weights file {printable(str(path))} does not exist")
-    try:
-        if path.suffix == ".safetensors":
-            from safetensors.torch import load_file
+    """Load a timm state_dict (safetensors) or checkpoint (``.pth``, ``.pth.tar``) into ``model``.
 
-            state = load_file(str(path))
-        else:
-            state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise CLRError(f"cannot read base weights {printable(str(path))}: {shown(str(e))}") from None
-    if isinstance(state, dict):
-        state = next((state[k] for k in _CHECKPOINT_KEYS if isinstance(state.get(k), dict)), state)
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise CLRError(f"{printable(str(path))} holds no state_dict of tensors (a timm checkpoint or state_dict)")
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+    The file is read by :func:`clr_timm.checkpoint.read_weights`: bounded, no pickled code run, the EMA weights of a
+    checkpoint that has them.
+    """
+    state = read_weights(path)
     try:
         model.load_state_dict(state)
     except RuntimeError as e:
