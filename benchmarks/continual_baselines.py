@@ -527,8 +527,13 @@ def format_table(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_first_task(results: Sequence[MethodResult], task_names: Sequence[str], path: Path) -> Path:
-    """Accuracy on the first task after learning each task, one line per method (mean over seeds, band: min-max)."""
+def plot_first_task(
+    results: Sequence[MethodResult], task_names: Sequence[str], path: Path, *, highlight: str = "clr"
+) -> Path:
+    """Accuracy on the first task after learning each task, one line per method (mean over seeds, band: min-max).
+
+    The method keyed ``highlight`` is drawn bold in black.
+    """
     import matplotlib
 
     matplotlib.use("Agg")
@@ -542,7 +547,7 @@ def plot_first_task(results: Sequence[MethodResult], task_names: Sequence[str], 
         curves = [[row[0] for row in r.matrix] for r in runs]
         mean = [statistics.mean(c[i] for c in curves) * 100 for i in range(len(steps))]
         style = "-" if runs[0].forgetting_per_task and max(r.forgetting for r in runs) > 0.005 else "--"
-        clr = runs[0].key == "clr"
+        clr = runs[0].key == highlight
         (line,) = ax.plot(
             steps,
             mean,
@@ -557,7 +562,8 @@ def plot_first_task(results: Sequence[MethodResult], task_names: Sequence[str], 
             low = [min(c[i] for c in curves) * 100 for i in range(len(steps))]
             high = [max(c[i] for c in curves) * 100 for i in range(len(steps))]
             ax.fill_between(steps, low, high, color=line.get_color(), alpha=0.15)
-    ax.set_xticks(steps, [f"{i}. {n}" for i, n in zip(steps, task_names, strict=True)], rotation=20)
+    long = {"rotation": 60, "ha": "right", "fontsize": 7} if len(task_names) > 6 else {"rotation": 20}
+    ax.set_xticks(steps, [f"{i}. {n}" for i, n in zip(steps, task_names, strict=True)], **long)
     ax.set_xlabel("after learning task")
     ax.set_ylabel(f"accuracy on task 1, {task_names[0]} (%)")
     seeds = len(next(iter(group_by_method(results).values())))

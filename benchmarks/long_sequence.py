@@ -47,7 +47,7 @@ if __package__ in (None, ""):  # run as a script: make the repository root impor
 
 import clr_timm
 from benchmarks import cl_methods as cl
-from benchmarks.continual_baselines import METHODS, Method, MethodResult, _with, run_method
+from benchmarks.continual_baselines import METHODS, Method, MethodResult, _with, plot_first_task, run_method
 from examples import offline_assets as assets
 from examples.continual import PreparedTask, Recipe, build_model, format_matrix
 
@@ -181,32 +181,6 @@ def format_table(results: Sequence[MethodResult]) -> str:
     return "\n".join(lines)
 
 
-def plot_first_task(results: Sequence[MethodResult], names: Sequence[str], path: Path) -> Path:
-    """Task 1's accuracy after learning each task, one line per method."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(9, 5))
-    steps = list(range(1, len(names) + 1))
-    for k, r in enumerate(results):
-        ours = r.key == "recommended"
-        curve = [100 * row[0] for row in r.matrix]
-        ax.plot(steps, curve, marker="os^vDP"[k % 6], label=r.label, linewidth=2.5 if ours else 1.5,
-                color="black" if ours else None)  # fmt: skip
-    ax.set_xticks(steps, [f"{i}. {n}" for i, n in zip(steps, names, strict=True)], rotation=60, ha="right", fontsize=7)
-    ax.set_ylabel(f"accuracy on task 1, {names[0]} (%)")
-    ax.set_xlabel("after learning task")
-    ax.set_title(f"Task 1 accuracy through a {len(names)}-task sequence")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
-
-
 def parse_args(argv: Iterable[str] | None = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", default="tf_efficientnet_lite0")
@@ -263,7 +237,9 @@ def _rerender(args: argparse.Namespace) -> list[MethodResult]:
     md = out / f"{args.name}.md"
     header = md.read_text().split("\n| method |")[0] if md.is_file() else ""
     md.write_text(header + "\n" + format_table(results) + "\n")
-    plot_first_task(results, [t["name"] for t in saved["tasks"]], out / f"{args.name}_task1.png")
+    plot_first_task(
+        results, [t["name"] for t in saved["tasks"]], out / f"{args.name}_task1.png", highlight="recommended"
+    )
     return results
 
 
@@ -282,7 +258,7 @@ def _write(args, argv, tasks: Sequence[PreparedTask], recipe: Recipe, results, s
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{args.name}.md").write_text(header + format_table(results) + "\n")
-    plot_first_task(results, [t.name for t in tasks], out / f"{args.name}_task1.png")
+    plot_first_task(results, [t.name for t in tasks], out / f"{args.name}_task1.png", highlight="recommended")
     payload = {
         "settings": {k: v for k, v in vars(args).items()},
         "tasks": [
